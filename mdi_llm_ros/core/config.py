@@ -1,0 +1,278 @@
+"""Cluster config: YAML -> validated, typed objects.
+
+The config file is the one source of truth for which node runs which layers
+where; `plan.make_plan` turns it into per-node assignments. Every error names
+the offending key (e.g. ``chunks[1].layers``) and says how to fix it.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+DEFAULT_CONFIG_NAME = "cluster.yaml"
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """Sampling used by the CLI clients when a flag is omitted."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str                      # prepared model name or local Hugging Face folder
+    dtype: str = "float32"
+    max_context: int | None = None  # None: the model's max_position_embeddings
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    host: str = "localhost"
+    device: str = "cpu"
+    layers: tuple[int, int] | None = None  # first layers held by the coordinator, [0, n)
+    max_inflight: int = 8
+    queue_limit: int = 32
+    request_timeout_s: float = 120.0
+    heartbeat_timeout_s: float = 3.0
+    ready_timeout_s: float = 120.0
+    threads: int | None = None
+    defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
+
+
+@dataclass(frozen=True)
+class ChunkConfig:
+    name: str
+    host: str = "localhost"
+    device: str = "cpu"
+    layers: tuple[int, int] | None = None  # explicit [start, end)
+    weight: float | None = None            # relative share for automatic splitting
+    memory_mb: float | None = None         # declared device memory budget for weights
+    threads: int | None = None
+    max_cached_requests: int = 64
+    cache_idle_timeout_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    namespace: str
+    model: ModelConfig
+    coordinator: CoordinatorConfig
+    chunks: tuple[ChunkConfig, ...]
+    heartbeat_period_s: float = 0.5
+    source: str = "<dict>"
+
+
+# --- validation helpers --------------------------------------------------------
+
+def _check_keys(obj: Any, where: str, allowed: set[str], required: set[str] = frozenset()) -> dict:
+    if not isinstance(obj, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(obj).__name__}")
+    for key in obj:
+        if key not in allowed:
+            raise ConfigError(
+                f"{where}.{key}: unknown key; allowed keys are {', '.join(sorted(allowed))}")
+    for key in required:
+        if key not in obj:
+            raise ConfigError(f"{where}.{key}: required key is missing")
+    return obj
+
+
+def _int(obj: dict, key: str, where: str, default: Any, minimum: int | None = None) -> Any:
+    value = obj.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{where}.{key}: expected an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{where}.{key}: must be >= {minimum}, got {value}")
+    return value
+
+
+def _float(obj: dict, key: str, where: str, default: Any, *, positive: bool = False,
+           minimum: float | None = None, maximum: float | None = None) -> Any:
+    value = obj.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{where}.{key}: expected a finite number, got {value!r}")
+    if positive and value <= 0:
+        raise ConfigError(f"{where}.{key}: must be > 0, got {value}")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{where}.{key}: must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{where}.{key}: must be <= {maximum}, got {value}")
+    return float(value)
+
+
+def _str(obj: dict, key: str, where: str, default: Any) -> Any:
+    value = obj.get(key, default)
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{where}.{key}: expected a non-empty string, got {value!r}")
+    return value
+
+
+def _name(obj: dict, key: str, where: str, default: Any) -> str:
+    value = _str(obj, key, where, default)
+    if not value.replace("_", "a").isalnum() or not value[0].isalpha():
+        raise ConfigError(
+            f"{where}.{key}: {value!r} is not a valid ROS name; use letters, digits and '_', "
+            "starting with a letter")
+    return value
+
+
+def _device(obj: dict, where: str, default: str) -> str:
+    value = _str(obj, "device", where, default)
+    kind, _, index = value.partition(":")
+    if kind not in ("cpu", "cuda", "mps") or (index and not index.isdigit()) or (kind == "cpu" and index):
+        raise ConfigError(f"{where}.device: {value!r} is not a device; use cpu, cuda, cuda:N or mps")
+    return value
+
+
+def _layers(obj: dict, where: str) -> tuple[int, int] | None:
+    value = obj.get("layers")
+    if value is None:
+        return None
+    if (not isinstance(value, (list, tuple)) or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        raise ConfigError(f"{where}.layers: expected [start, end) as two integers, got {value!r}")
+    start, end = value
+    if start < 0 or end <= start:
+        raise ConfigError(
+            f"{where}.layers: [{start}, {end}) must hold at least one layer (0 <= start < end)")
+    return (start, end)
+
+
+# --- parsing ---------------------------------------------------------------------
+
+def parse_config(data: Any, source: str = "<dict>") -> ClusterConfig:
+    """Validate a config mapping (as loaded from YAML) into a ClusterConfig."""
+    top = _check_keys(data, "config", {"cluster", "model", "coordinator", "chunks"},
+                      {"model", "chunks"})
+
+    cluster = _check_keys(top.get("cluster", {}) or {}, "cluster", {"namespace", "heartbeat_period_s"})
+    namespace = cluster.get("namespace", "")
+    if not isinstance(namespace, str) or (namespace and not all(
+            part.replace("_", "a").isalnum() and part[0].isalpha()
+            for part in namespace.strip("/").split("/"))):
+        raise ConfigError(
+            f"cluster.namespace: {namespace!r} is not a valid ROS namespace; use e.g. 'team_a' or ''")
+    heartbeat = _float(cluster, "heartbeat_period_s", "cluster", 0.5, positive=True)
+
+    m = _check_keys(top["model"], "model", {"name", "dtype", "max_context"}, {"name"})
+    dtype = m.get("dtype", "float32")
+    if dtype not in DTYPE_CHOICES:
+        raise ConfigError(f"model.dtype: {dtype!r} is not supported; use one of {', '.join(DTYPE_CHOICES)}")
+    model = ModelConfig(name=_str(m, "name", "model", None), dtype=dtype,
+                        max_context=_int(m, "max_context", "model", None, minimum=2))
+
+    c = _check_keys(top.get("coordinator", {}) or {}, "coordinator",
+                    {"host", "device", "layers", "max_inflight", "queue_limit", "request_timeout_s",
+                     "heartbeat_timeout_s", "ready_timeout_s", "threads", "defaults"})
+    coord_layers = _layers(c, "coordinator")
+    if coord_layers is not None and coord_layers[0] != 0:
+        raise ConfigError(
+            f"coordinator.layers: the coordinator holds the first layers, so start must be 0, "
+            f"got {list(coord_layers)}")
+    d = _check_keys(c.get("defaults", {}) or {}, "coordinator.defaults",
+                    {"max_new_tokens", "temperature", "top_k", "top_p"})
+    defaults = SamplingDefaults(
+        max_new_tokens=_int(d, "max_new_tokens", "coordinator.defaults", 128, minimum=1),
+        temperature=_float(d, "temperature", "coordinator.defaults", 0.0, minimum=0.0),
+        top_k=_int(d, "top_k", "coordinator.defaults", 0, minimum=0),
+        top_p=_float(d, "top_p", "coordinator.defaults", 1.0, positive=True, maximum=1.0))
+    coordinator = CoordinatorConfig(
+        host=_name(c, "host", "coordinator", "localhost"),
+        device=_device(c, "coordinator", "cpu"),
+        layers=coord_layers,
+        max_inflight=_int(c, "max_inflight", "coordinator", 8, minimum=1),
+        queue_limit=_int(c, "queue_limit", "coordinator", 32, minimum=0),
+        request_timeout_s=_float(c, "request_timeout_s", "coordinator", 120.0, positive=True),
+        heartbeat_timeout_s=_float(c, "heartbeat_timeout_s", "coordinator", 3.0, positive=True),
+        ready_timeout_s=_float(c, "ready_timeout_s", "coordinator", 120.0, positive=True),
+        threads=_int(c, "threads", "coordinator", None, minimum=1),
+        defaults=defaults)
+
+    raw_chunks = top["chunks"]
+    if not isinstance(raw_chunks, list) or not raw_chunks:
+        raise ConfigError("chunks: expected a non-empty list of chunk nodes")
+    chunks: list[ChunkConfig] = []
+    names = set()
+    for i, ch in enumerate(raw_chunks):
+        where = f"chunks[{i}]"
+        _check_keys(ch, where, {"name", "host", "device", "layers", "weight", "memory_mb", "threads",
+                                "max_cached_requests", "cache_idle_timeout_s"})
+        name = _name(ch, "name", where, f"chunk_{i}")
+        if name in names or name == "coordinator":
+            raise ConfigError(f"{where}.name: {name!r} is used twice; node names must be unique")
+        names.add(name)
+        layers = _layers(ch, where)
+        weight = _float(ch, "weight", where, None, positive=True)
+        if layers is not None and weight is not None:
+            raise ConfigError(f"{where}: give either layers or weight, not both")
+        chunks.append(ChunkConfig(
+            name=name, host=_name(ch, "host", where, "localhost"), device=_device(ch, where, "cpu"),
+            layers=layers, weight=weight,
+            memory_mb=_float(ch, "memory_mb", where, None, positive=True),
+            threads=_int(ch, "threads", where, None, minimum=1),
+            max_cached_requests=_int(ch, "max_cached_requests", where, 64, minimum=1),
+            cache_idle_timeout_s=_float(ch, "cache_idle_timeout_s", where, 600.0, positive=True)))
+
+    explicit = [ch.layers is not None for ch in chunks]
+    if any(explicit) and not all(explicit):
+        missing = [f"chunks[{i}]" for i, e in enumerate(explicit) if not e]
+        raise ConfigError(
+            f"{missing[0]}.layers: some chunks give explicit layers and others do not; "
+            "give layers to every chunk, or use weight for all of them")
+    if all(explicit):
+        expected = coordinator.layers[1] if coordinator.layers else 0
+        for i, ch in enumerate(chunks):
+            start, end = ch.layers  # type: ignore[misc]
+            if start != expected:
+                what = "overlaps the previous range" if start < expected else "leaves a gap"
+                raise ConfigError(
+                    f"chunks[{i}].layers: [{start}, {end}) {what}; ranges must be contiguous in ring "
+                    f"order, so this chunk must start at layer {expected}")
+            expected = end
+
+    return ClusterConfig(namespace=namespace.strip("/"), model=model, coordinator=coordinator,
+                         chunks=tuple(chunks), heartbeat_period_s=heartbeat, source=source)
+
+
+def load_config(path: str | os.PathLike) -> ClusterConfig:
+    """Read and validate a YAML cluster config file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist; pass --config with a valid path")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
+    return parse_config(data, source=str(p))
+
+
+def default_config_path() -> Path:
+    """Where the default config is: $MDI_LLM_CONFIG, ./config/cluster.yaml, or the installed share dir."""
+    env = os.environ.get("MDI_LLM_CONFIG")
+    if env:
+        return Path(env)
+    local = Path.cwd() / "config" / DEFAULT_CONFIG_NAME
+    if local.is_file():
+        return local
+    import sys
+    for prefix in [*os.environ.get("AMENT_PREFIX_PATH", "").split(os.pathsep), sys.prefix]:
+        candidate = Path(prefix) / "share" / "mdi_llm_ros" / "config" / DEFAULT_CONFIG_NAME
+        if prefix and candidate.is_file():
+            return candidate
+    raise ConfigError("no cluster config found: pass --config FILE or set MDI_LLM_CONFIG")

