@@ -1,1 +1,187 @@
-def main(): print("placeholder")
+"""`mdi-llm`: the command-line entry point (plan, model, generate, cluster, demo, bench)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+from .core.config import ClusterConfig, default_config_path, load_config
+from .core.errors import ConfigError, RequestError
+from .core.models import DEFAULT_MODEL, PREPARED_MODELS, ModelError
+
+
+def _err(msg: str) -> None:
+    print(f"mdi-llm: error: {msg}", file=sys.stderr)
+
+
+def _load(args) -> ClusterConfig:
+    path = Path(args.config) if getattr(args, "config", None) else default_config_path()
+    return load_config(path)
+
+
+def _plan(cfg: ClusterConfig):
+    from .core.models import load_model_info, resolve_model_dir
+    from .core.plan import make_plan
+    info = load_model_info(resolve_model_dir(cfg.model.name))
+    return make_plan(cfg, info), info
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def add_generation_args(p: argparse.ArgumentParser) -> None:
+    """Options shared by `generate --local` and the ROS client (same contract)."""
+    p.add_argument("prompt", help="text to continue (raw unless --chat)")
+    p.add_argument("--config", help="cluster config YAML (default: config/cluster.yaml)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate at most")
+    p.add_argument("--temperature", type=_finite, default=None, help="0 = greedy (default from config)")
+    p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens; 0 = off")
+    p.add_argument("--top-p", type=_finite, default=None, help="nucleus mass in (0, 1]; 1 = off")
+    p.add_argument("--seed", type=int, default=-1, help="sampler seed; -1 = random")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
+
+
+def generation_params(args, cfg: ClusterConfig):
+    from .core.engine import GenerateParams
+    d = cfg.coordinator.defaults
+    return GenerateParams(
+        prompt=args.prompt, use_chat_template=args.chat,
+        max_new_tokens=d.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens,
+        temperature=d.temperature if args.temperature is None else args.temperature,
+        top_k=d.top_k if args.top_k is None else args.top_k,
+        top_p=d.top_p if args.top_p is None else args.top_p,
+        seed=args.seed, stop=tuple(args.stop))
+
+
+def print_stats(result, file=sys.stderr) -> None:
+    print(f"[{result.finish_reason}] {result.prompt_tokens} prompt + {result.generated_tokens} generated tokens, "
+          f"first token {result.time_to_first_token:.2f} s, {result.tokens_per_second:.1f} tokens/s", file=file)
+
+
+# --- subcommands ------------------------------------------------------------------------
+
+def cmd_plan(args) -> int:
+    from .core.plan import format_plan
+    cfg = _load(args)
+    plan, _ = _plan(cfg)
+    print(f"config: {cfg.source}")
+    print(format_plan(plan))
+    return 0
+
+
+def cmd_model(args) -> int:
+    from .core.models import prepare_model, prepared_dir
+    if args.action == "list":
+        for name, spec in PREPARED_MODELS.items():
+            ready = (prepared_dir(name) / ".mdi-prepared.json").is_file()
+            print(f"{name}\t{'prepared' if ready else 'not prepared'}\t{prepared_dir(name)}\t{spec.description}")
+        return 0
+    path = prepare_model(args.name, force=args.force)
+    print(path)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    cfg = _load(args)
+    params = generation_params(args, cfg)
+    if args.local:
+        return _generate_local(cfg, params, args)
+    from .client import run_cli_client
+    return run_cli_client(cfg, params, stream=args.stream, wait_s=args.wait)
+
+
+def _generate_local(cfg: ClusterConfig, params, args) -> int:
+    from .core.engine import validate_params
+    from .core.local import LocalRing
+    plan, info = _plan(cfg)
+    validate_params(params, plan.max_context)          # fail before loading weights
+    print(f"[local] loading a ring of {len(plan.chunks)} chunks in-process ...", file=sys.stderr)
+    ring = LocalRing(plan, info)
+
+    def on_piece(piece: str, token: int, count: int) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    result = ring.generate(params, on_piece)
+    sys.stdout.write("\n")
+    print_stats(result)
+    return 0 if result.success else 1
+
+
+def cmd_cluster(args) -> int:
+    from .launcher import run_cluster
+    cfg = _load(args)
+    return run_cluster(cfg, host=args.host, respawn=args.respawn, log_dir=args.log_dir)
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+    return run_demo(_load(args), clients=args.clients, max_new_tokens=args.max_new_tokens)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mdi-llm", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("plan", help="print which node runs which layers where")
+    p.add_argument("--config", help="cluster config YAML (default: config/cluster.yaml)")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("model", help="prepare (convert) or list models")
+    msub = p.add_subparsers(dest="action", required=True)
+    mp = msub.add_parser("prepare", help="convert a packaged GGUF model to safetensors, once")
+    mp.add_argument("name", nargs="?", default=DEFAULT_MODEL, choices=sorted(PREPARED_MODELS))
+    mp.add_argument("--force", action="store_true", help="convert again even if already prepared")
+    msub.add_parser("list", help="list known models and where they are")
+    p.set_defaults(func=cmd_model)
+
+    p = sub.add_parser("generate", help="generate text (via /generate, or --local in-process)")
+    add_generation_args(p)
+    p.add_argument("--local", action="store_true", help="run the whole ring in this process (no ROS)")
+    p.add_argument("--stream", action="store_true", help="use the streaming action, print tokens as they come")
+    p.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the service to appear")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("cluster", help="start the ring's node processes from the config")
+    p.add_argument("--config", help="cluster config YAML (default: config/cluster.yaml)")
+    p.add_argument("--host", help="start only the nodes assigned to this host")
+    p.add_argument("--respawn", action="store_true", help="restart a chunk node that dies")
+    p.add_argument("--log-dir", help="ROS log directory (default: ~/.ros/log)")
+    p.set_defaults(func=cmd_cluster)
+
+    p = sub.add_parser("demo", help="start a localhost cluster, ask it from several robot clients, stop it")
+    p.add_argument("--config", help="cluster config YAML (default: config/cluster.yaml)")
+    p.add_argument("--clients", type=int, default=4, help="concurrent robot client processes")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return args.func(args)
+    except (ConfigError, ModelError) as exc:
+        _err(str(exc))
+        return 2
+    except RequestError as exc:
+        _err(f"{exc.code}: {exc.message}")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

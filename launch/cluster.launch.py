@@ -1,0 +1,38 @@
+"""ros2 launch mdi_llm_ros cluster.launch.py [config:=FILE] [host:=NAME] [respawn:=true]
+
+Starts the ring's nodes that the config assigns to `host` (every node when
+empty). A thin wrapper: which nodes run, and with which parameters, comes
+from mdi_llm_ros.launcher.node_specs, the same function `mdi-llm cluster` uses.
+"""
+import os
+
+from launch import LaunchDescription
+from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch.substitutions import LaunchConfiguration
+from launch_ros.actions import Node
+
+
+def _default_config() -> str:
+    from ament_index_python.packages import get_package_share_directory
+    return os.path.join(get_package_share_directory("mdi_llm_ros"), "config", "cluster.yaml")
+
+
+def _nodes(context, *args, **kwargs):
+    from mdi_llm_ros.launcher import node_specs
+    config = LaunchConfiguration("config").perform(context) or _default_config()
+    host = LaunchConfiguration("host").perform(context) or None
+    respawn = LaunchConfiguration("respawn").perform(context).lower() in ("1", "true", "yes")
+    return [
+        Node(package="mdi_llm_ros", executable=spec.executable, name=spec.name, output="screen",
+             parameters=[spec.parameters], respawn=respawn and spec.role == "chunk", respawn_delay=1.0)
+        for spec in node_specs(config, host)
+    ]
+
+
+def generate_launch_description() -> LaunchDescription:
+    return LaunchDescription([
+        DeclareLaunchArgument("config", default_value="", description="cluster config YAML (default: the package's)"),
+        DeclareLaunchArgument("host", default_value="", description="start only the nodes assigned to this host"),
+        DeclareLaunchArgument("respawn", default_value="false", description="restart chunk nodes that die"),
+        OpaqueFunction(function=_nodes),
+    ])

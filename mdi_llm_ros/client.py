@@ -1,0 +1,187 @@
+"""Client side of /generate and /generate_stream, for robot nodes and `mdi-llm generate`.
+
+`GenerateClient` wraps both on any rclpy node:
+
+    client = GenerateClient(node)                       # namespace "" -> /generate
+    result = client.generate("Where is the charger?", max_new_tokens=64)
+    for piece in client.stream("Tell me a story"): ...  # action feedback as it arrives
+
+Calls block the calling thread: spin the node in another thread (or call
+from a callback of a MultiThreadedExecutor with a separate callback group).
+"""
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+from rclpy.action import ActionClient
+from rclpy.node import Node
+
+from mdi_llm_ros.action import Generate as GenerateAction
+from mdi_llm_ros.srv import Generate
+
+from .core.engine import GenerateParams
+from .core.errors import ErrorCode
+from .core.plan import service_name
+from .core.scheduler import GenerationResult
+
+
+def fill_request(req, p: GenerateParams):
+    req.prompt = p.prompt
+    req.use_chat_template = p.use_chat_template
+    req.max_new_tokens = int(p.max_new_tokens)
+    req.temperature = float(p.temperature)
+    req.top_k = int(p.top_k)
+    req.top_p = float(p.top_p)
+    req.seed = int(p.seed)
+    req.stop = list(p.stop)
+    return req
+
+
+def to_result(r) -> GenerationResult:
+    return GenerationResult(success=r.success, error_code=r.error_code, error_message=r.error_message,
+                            text=r.text, prompt_tokens=r.prompt_tokens, generated_tokens=r.generated_tokens,
+                            finish_reason=r.finish_reason, time_to_first_token=r.time_to_first_token,
+                            tokens_per_second=r.tokens_per_second)
+
+
+def _failure(code: str, message: str) -> GenerationResult:
+    return GenerationResult(success=False, error_code=code, error_message=message, finish_reason="error")
+
+
+@dataclass
+class StreamPiece:
+    text: str
+    token_id: int
+    token_count: int
+
+
+class GenerateClient:
+    """Blocking helpers around the coordinator's service and action."""
+
+    def __init__(self, node: Node, namespace: str = "") -> None:
+        self.node = node
+        self.service = service_name(namespace, "generate")
+        self.action = service_name(namespace, "generate_stream")
+        self._srv = node.create_client(Generate, self.service)
+        self._act = ActionClient(node, GenerateAction, self.action)
+
+    def wait_for_service(self, timeout_s: float) -> bool:
+        return self._srv.wait_for_service(timeout_sec=timeout_s)
+
+    def wait_for_action(self, timeout_s: float) -> bool:
+        return self._act.wait_for_server(timeout_sec=timeout_s)
+
+    def generate(self, prompt: str | GenerateParams, timeout_s: float = 300.0, **kwargs) -> GenerationResult:
+        """Call /generate; never waits longer than timeout_s."""
+        params = prompt if isinstance(prompt, GenerateParams) else GenerateParams(prompt=prompt, **kwargs)
+        future = self._srv.call_async(fill_request(Generate.Request(), params))
+        if not _wait_future(future, timeout_s):
+            self._srv.remove_pending_request(future)
+            return _failure(ErrorCode.TIMEOUT, f"no answer from {self.service} within {timeout_s:.0f} s")
+        return to_result(future.result())
+
+    def stream(self, prompt: str | GenerateParams, timeout_s: float = 300.0, cancel_after: int | None = None,
+               **kwargs) -> Iterator[StreamPiece | GenerationResult]:
+        """Yield a StreamPiece per feedback, then the GenerationResult last.
+
+        `cancel_after=n` cancels the goal once n pieces have arrived (tests, demos).
+        """
+        params = prompt if isinstance(prompt, GenerateParams) else GenerateParams(prompt=prompt, **kwargs)
+        goal = fill_request(GenerateAction.Goal(), params)
+        pieces: list[StreamPiece] = []
+        arrived = threading.Condition()
+
+        def on_feedback(fb) -> None:
+            with arrived:
+                pieces.append(StreamPiece(fb.feedback.text, fb.feedback.token_id, fb.feedback.token_count))
+                arrived.notify_all()
+
+        deadline = time.monotonic() + timeout_s
+        send = self._act.send_goal_async(goal, feedback_callback=on_feedback)
+        if not _wait_future(send, timeout_s):
+            yield _failure(ErrorCode.TIMEOUT, f"{self.action} did not answer the goal in {timeout_s:.0f} s")
+            return
+        goal_handle = send.result()
+        if not goal_handle.accepted:
+            yield _failure(ErrorCode.BUSY, f"{self.action} rejected the goal: the cluster is busy or not "
+                                           "ready (its log says which); retry later")
+            return
+        result_future = goal_handle.get_result_async()
+        given = 0
+        cancelled = False
+        while True:
+            with arrived:
+                while given < len(pieces):
+                    yield pieces[given]
+                    given += 1
+                if result_future.done():
+                    break
+                if cancel_after is not None and given >= cancel_after and not cancelled:
+                    goal_handle.cancel_goal_async()
+                    cancelled = True
+                if time.monotonic() > deadline:
+                    goal_handle.cancel_goal_async()
+                    yield _failure(ErrorCode.TIMEOUT, f"no result from {self.action} within {timeout_s:.0f} s")
+                    return
+                arrived.wait(0.02)
+        # Feedback may still be in flight when the result lands: give it a moment.
+        time.sleep(0.05)
+        with arrived:
+            for piece in pieces[given:]:
+                yield piece
+        yield to_result(result_future.result().result)
+
+
+def _wait_future(future, timeout_s: float) -> bool:
+    done = threading.Event()
+    future.add_done_callback(lambda _: done.set())
+    return done.wait(timeout_s) or future.done()
+
+
+def run_cli_client(cfg, params: GenerateParams, *, stream: bool, wait_s: float) -> int:
+    """`mdi-llm generate` over ROS: only the continuation on stdout, errors on stderr."""
+    import rclpy
+    from rclpy.executors import SingleThreadedExecutor
+
+    from .cli import print_stats
+    rclpy.init()
+    node = rclpy.create_node(f"mdi_generate_client_{int(time.time() * 1000) % 10**9}")
+    executor = SingleThreadedExecutor()
+    executor.add_node(node)
+    spinner = threading.Thread(target=executor.spin, daemon=True)
+    spinner.start()
+    try:
+        client = GenerateClient(node, cfg.namespace)
+        ready = client.wait_for_action(wait_s) if stream else client.wait_for_service(wait_s)
+        if not ready:
+            print(f"mdi-llm: error: NOT_READY: no {client.action if stream else client.service} on this "
+                  f"ROS domain after {wait_s:.0f} s; start the cluster (mdi-llm cluster) and check "
+                  "ROS_DOMAIN_ID", file=sys.stderr)
+            return 1
+        timeout = cfg.coordinator.request_timeout_s + 30
+        if stream:
+            result = None
+            for item in client.stream(params, timeout_s=timeout):
+                if isinstance(item, StreamPiece):
+                    sys.stdout.write(item.text)
+                    sys.stdout.flush()
+                else:
+                    result = item
+        else:
+            result = client.generate(params, timeout_s=timeout)
+            if result.success:
+                sys.stdout.write(result.text)
+        if not result.success:
+            print(f"mdi-llm: error: {result.error_code}: {result.error_message}", file=sys.stderr)
+            return 1
+        sys.stdout.write("\n")
+        print_stats(result)
+        return 0
+    finally:
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.try_shutdown()

@@ -1,0 +1,215 @@
+"""Pip-side launcher (`mdi-llm cluster`) and the node list shared with launch/cluster.launch.py.
+
+`node_specs` is the one function both launchers use: it turns the config's
+plan into (executable, node name, parameters) per node of a host. The launcher
+here starts each as a process, prefixes and forwards its log lines, forwards
+SIGINT/SIGTERM, restarts dead chunk nodes when asked to (respawn), and
+otherwise stops everything and exits non-zero when a node dies.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .core.config import ClusterConfig, load_config
+from .core.models import load_model_info, resolve_model_dir
+from .core.plan import make_plan
+
+EXECUTABLES = {"coordinator": "coordinator_node", "chunk": "chunk_node"}
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    name: str
+    role: str
+    host: str
+    executable: str          # ros2 run mdi_llm_ros <executable>
+    module: str              # python -m <module>
+    parameters: dict
+
+    def command(self, python: str = sys.executable) -> list[str]:
+        args = [python, "-m", self.module, "--ros-args", "-r", f"__node:={self.name}"]
+        for key, value in self.parameters.items():
+            args += ["-p", f"{key}:={value}"]
+        return args
+
+
+def node_specs(config_file: str | os.PathLike, host: str | None = None) -> list[NodeSpec]:
+    """The nodes to start for `host` (None: every host), coordinator first."""
+    config_file = str(Path(config_file).resolve())
+    cfg = load_config(config_file)
+    plan = make_plan(cfg, load_model_info(resolve_model_dir(cfg.model.name)))
+    specs = []
+    for n in plan.nodes_on_host(host):
+        params = {"config_file": config_file}
+        if n.role == "chunk":
+            params["node_name"] = n.name
+        specs.append(NodeSpec(name=n.name, role=n.role, host=n.host, executable=EXECUTABLES[n.role],
+                              module=f"mdi_llm_ros.nodes.{EXECUTABLES[n.role]}", parameters=params))
+    return specs
+
+
+# --- shared-memory hygiene --------------------------------------------------------
+
+def fastdds_segments() -> set[str]:
+    try:
+        return {p for p in os.listdir("/dev/shm") if "fastdds" in p}
+    except FileNotFoundError:
+        return set()
+
+
+def _mapped_shm_files() -> set[str]:
+    """Names under /dev/shm that a live process has mapped or open."""
+    used: set[str] = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                for line in f:
+                    if "/dev/shm/" in line:
+                        used.add(line.rsplit("/dev/shm/", 1)[1].strip().replace(" (deleted)", ""))
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("/dev/shm/"):
+                    used.add(target[len("/dev/shm/"):])
+        except OSError:
+            continue
+    return used
+
+
+def clean_fastdds_segments(before: set[str]) -> list[str]:
+    """Remove Fast DDS segments created since `before` that no live process uses
+    (what a SIGKILLed node leaves behind)."""
+    used = _mapped_shm_files()
+    removed = []
+    for name in sorted(fastdds_segments() - before):
+        base = name[4:] if name.startswith("sem.") else name
+        if name in used or base in used:
+            continue
+        try:
+            os.unlink(f"/dev/shm/{name}")
+            removed.append(name)
+        except OSError:
+            pass
+    return removed
+
+
+# --- process supervision ----------------------------------------------------------
+
+class Cluster:
+    """Node processes of one host, supervised."""
+
+    def __init__(self, specs: list[NodeSpec], *, respawn: bool = False, env: dict | None = None,
+                 out=sys.stderr, python: str = sys.executable) -> None:
+        self.specs = {s.name: s for s in specs}
+        self.respawn = respawn
+        self.env = dict(os.environ if env is None else env)
+        self.env.setdefault("PYTHONUNBUFFERED", "1")
+        self.out = out
+        self.python = python
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.restarts: dict[str, int] = {}
+        self._out_lock = threading.Lock()
+        self._stopping = False
+        self._shm_before = fastdds_segments()
+
+    def _log(self, name: str, line: str) -> None:
+        with self._out_lock:
+            self.out.write(f"[{name}] {line}")
+            if not line.endswith("\n"):
+                self.out.write("\n")
+            self.out.flush()
+
+    def _pump(self, name: str, proc: subprocess.Popen) -> None:
+        for line in proc.stdout:                       # type: ignore[union-attr]
+            self._log(name, line)
+
+    def start_node(self, name: str) -> subprocess.Popen:
+        spec = self.specs[name]
+        proc = subprocess.Popen(spec.command(self.python), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, errors="replace", env=self.env, start_new_session=True)
+        self.procs[name] = proc
+        threading.Thread(target=self._pump, args=(name, proc), daemon=True).start()
+        return proc
+
+    def start(self) -> None:
+        for name in self.specs:
+            self.start_node(name)
+        self._log("launcher", f"started {', '.join(f'{n} (pid {p.pid})' for n, p in self.procs.items())}")
+
+    def supervise_once(self) -> str | None:
+        """Check the children; restart or report a dead one. Returns the name of a fatal death."""
+        for name, proc in list(self.procs.items()):
+            code = proc.poll()
+            if code is None or self._stopping:
+                continue
+            spec = self.specs[name]
+            if self.respawn and spec.role == "chunk":
+                self.restarts[name] = self.restarts.get(name, 0) + 1
+                self._log("launcher", f"{name} exited with {code}; respawning (restart {self.restarts[name]})")
+                self.start_node(name)
+                continue
+            self._log("launcher", f"{name} exited with code {code}; stopping the other nodes")
+            return name
+        return None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGINT every node, wait, then SIGKILL the stubborn ones; clean their shm segments."""
+        self._stopping = True
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGINT)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + timeout
+        for name, proc in self.procs.items():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self._log("launcher", f"{name} did not stop in {timeout:.0f} s; killing it")
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait()
+        removed = clean_fastdds_segments(self._shm_before)
+        if removed:
+            self._log("launcher", f"removed {len(removed)} stale Fast DDS shared-memory files")
+
+
+def run_cluster(cfg: ClusterConfig, host: str | None = None, respawn: bool = False,
+                log_dir: str | None = None) -> int:
+    """`mdi-llm cluster`: start this host's nodes and supervise them until a signal."""
+    env = dict(os.environ)
+    if log_dir:
+        env["ROS_LOG_DIR"] = log_dir
+    specs = node_specs(cfg.source, host)
+    cluster = Cluster(specs, respawn=respawn, env=env)
+    stop = threading.Event()
+    received: list[int] = []
+
+    def on_signal(signum, _frame):
+        received.append(signum)
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    cluster._log("launcher", f"host {host or '(all)'}: {len(specs)} nodes from {cfg.source}")
+    cluster.start()
+    failed = None
+    while not stop.wait(0.25):
+        failed = cluster.supervise_once()
+        if failed:
+            break
+    cluster.stop()
+    if failed:
+        return 1
+    return 0

@@ -1,0 +1,114 @@
+"""Chunk node: one contiguous range of decoder layers on the ring.
+
+Subscribes to its inbound hop topic, runs its layers (core.ring.ChunkHandler)
+in a worker thread so DDS callbacks never wait on compute, publishes the
+result on its outbound hop topic, and sends NodeStatus heartbeats.
+
+    ros2 run mdi_llm_ros chunk_node --ros-args -p config_file:=cluster.yaml -p node_name:=chunk_0
+"""
+from __future__ import annotations
+
+import queue
+import sys
+import threading
+import time
+
+from rcl_interfaces.msg import ParameterDescriptor
+from rclpy.node import Node
+
+from mdi_llm_ros.msg import Activation, NodeStatus
+
+from ..core.chunk import ChunkExecutor
+from ..core.plan import status_topic
+from ..core.ring import ChunkHandler
+from .common import RING_QOS, STATUS_QOS, from_msg, load_plan, make_status, run_node, set_threads, to_msg
+
+
+class ChunkNode(Node):
+    def __init__(self) -> None:
+        super().__init__("mdi_chunk")
+        self.declare_parameter("config_file", "", ParameterDescriptor(
+            description="cluster config YAML; the plan made from it says which layers this node runs"))
+        self.declare_parameter("node_name", "", ParameterDescriptor(
+            description="this chunk's name in the config (chunks[].name)"))
+        config_file = self.get_parameter("config_file").value
+        name = self.get_parameter("node_name").value
+        if not config_file or not name:
+            raise SystemExit("chunk_node needs parameters config_file and node_name "
+                             "(--ros-args -p config_file:=FILE -p node_name:=chunk_0)")
+        cfg, plan, info = load_plan(config_file)
+        self.plan_node = plan.node(name)
+        if self.plan_node.role != "chunk":
+            raise SystemExit(f"{name!r} is not a chunk node in {config_file}")
+        chunk_cfg = cfg.chunks[self.plan_node.hop]
+        set_threads(self.plan_node.threads)
+        self.cluster = cfg.namespace
+        t0 = time.monotonic()
+        n = self.plan_node
+        self.get_logger().info(f"{name}: loading layers [{n.layer_start}, {n.layer_end}) on {n.device} ...")
+        executor = ChunkExecutor(info, n.layer_start, n.layer_end, device=n.device, dtype=plan.dtype,
+                                 max_cached_requests=chunk_cfg.max_cached_requests,
+                                 cache_idle_timeout_s=chunk_cfg.cache_idle_timeout_s)
+        self.handler = ChunkHandler(executor, cluster=self.cluster, hop=n.hop)
+        self.get_logger().info(f"{name}: {executor.parameter_bytes / 1e6:.1f} MB of weights loaded in "
+                               f"{time.monotonic() - t0:.1f} s; inbound {n.inbound_topic} -> {n.outbound_topic}")
+        self.inbox: queue.Queue = queue.Queue()
+        self.pub = self.create_publisher(Activation, n.outbound_topic, RING_QOS)
+        self.status_pub = self.create_publisher(NodeStatus, status_topic(self.cluster), STATUS_QOS)
+        self.create_subscription(Activation, n.inbound_topic, self.inbox.put, RING_QOS)
+        self.create_timer(cfg.heartbeat_period_s, self.publish_status)
+        self._stop = threading.Event()
+        self._last_drop_log: dict[str, float] = {}
+        self.worker = threading.Thread(target=self.work, name="chunk-compute", daemon=True)
+        self.worker.start()
+        self.publish_status()
+
+    def work(self) -> None:
+        """Compute loop: one activation at a time, in arrival order."""
+        while not self._stop.is_set():
+            try:
+                msg = self.inbox.get(timeout=0.2)
+            except queue.Empty:
+                self.handler.executor.evict_idle()
+                continue
+            out = self.handler.handle(from_msg(msg))
+            if out is None:
+                self.log_drop()
+                continue
+            try:
+                self.pub.publish(to_msg(out))
+            except Exception as exc:  # context shut down while publishing
+                if not self._stop.is_set():
+                    self.get_logger().error(f"publish failed: {exc}")
+
+    def log_drop(self) -> None:
+        """Log each drop cause at most once per 5 s (a flood must not flood the log)."""
+        exc = getattr(self.handler, "last_drop", None)
+        if exc is None:
+            return
+        now = time.monotonic()
+        if now - self._last_drop_log.get(exc.cause, -1e9) > 5.0:
+            self._last_drop_log[exc.cause] = now
+            count = self.handler.stats.drops.get(exc.cause, 0)
+            self.get_logger().warning(f"dropped activation ({exc.cause}, {count} so far): {exc.detail}")
+
+    def publish_status(self) -> None:
+        n, ex = self.plan_node, self.handler.executor
+        self.status_pub.publish(make_status(
+            self, name=n.name, cluster=self.cluster, role="chunk", host=n.host, device=n.device,
+            layers=(n.layer_start, n.layer_end), epoch=self.handler.epoch, ready=True,
+            cached=ex.num_cached, queue=self.inbox.qsize(), tokens=ex.stats.tokens_processed,
+            drops=dict(ex.stats.drops)))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.worker.join(timeout=5)
+        self.handler.executor.release_all()
+
+
+def main() -> int:
+    return run_node(ChunkNode, num_threads=2)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

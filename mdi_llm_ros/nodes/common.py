@@ -1,0 +1,136 @@
+"""Helpers shared by the ROS node processes: message conversion, QoS, status, process setup.
+
+Everything that decides or computes lives in mdi_llm_ros.core; the nodes only
+convert messages and call it.
+"""
+from __future__ import annotations
+
+import array
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Callable
+
+import psutil
+import rclpy
+import torch
+from rclpy.executors import MultiThreadedExecutor
+from rclpy.signals import SignalHandlerOptions
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+
+from mdi_llm_ros.msg import Activation, NodeStatus
+
+from ..core.config import ClusterConfig, load_config
+from ..core.models import load_model_info, resolve_model_dir
+from ..core.plan import ClusterPlan, make_plan
+from ..core.ring import HopMessage
+
+# Ring traffic: reliable and KEEP_ALL, so a slow hop applies back-pressure
+# instead of silently overwriting activations (a reliable keep_last writer
+# drops the oldest unacknowledged sample when its history is full).
+RING_QOS = QoSProfile(history=HistoryPolicy.KEEP_ALL, reliability=ReliabilityPolicy.RELIABLE,
+                      durability=DurabilityPolicy.VOLATILE)
+STATUS_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=50, reliability=ReliabilityPolicy.RELIABLE,
+                        durability=DurabilityPolicy.VOLATILE)
+
+PROCESS_STARTED_NS = time.time_ns()
+
+
+def to_msg(h: HopMessage) -> Activation:
+    m = Activation()
+    m.cluster = h.cluster
+    m.epoch = h.epoch
+    m.request_id = h.request_id
+    m.step = h.step
+    m.first_position = h.first_position
+    m.kind = h.kind
+    m.hop = h.hop
+    m.dtype = h.dtype
+    m.shape = [int(s) for s in h.shape]
+    if memoryview(h.data).nbytes:
+        # array.array('B') is taken as-is by the generated setter (no per-element checks).
+        buf = array.array("B")
+        buf.frombytes(memoryview(h.data).cast("B"))
+        m.data = buf
+    return m
+
+
+def from_msg(m: Activation) -> HopMessage:
+    return HopMessage(cluster=m.cluster, epoch=m.epoch, request_id=m.request_id, step=m.step,
+                      first_position=m.first_position, kind=m.kind, hop=m.hop, dtype=m.dtype,
+                      shape=list(m.shape), data=m.data)
+
+
+def rss_bytes() -> int:
+    return psutil.Process().memory_info().rss
+
+
+def make_status(node, *, name: str, cluster: str, role: str, host: str, device: str, layers: tuple[int, int],
+                epoch: int, ready: bool, cached: int, queue: int, tokens: int, drops: dict[str, int],
+                missing: list[str] = ()) -> NodeStatus:
+    s = NodeStatus()
+    s.stamp = node.get_clock().now().to_msg()
+    s.name, s.cluster, s.role, s.host, s.device = name, cluster, role, host, device
+    s.layer_start, s.layer_end = layers
+    s.epoch = epoch
+    s.started_at_ns = PROCESS_STARTED_NS
+    s.ready = ready
+    s.requests_cached = cached
+    s.queue_depth = queue
+    s.resident_memory_bytes = rss_bytes()
+    s.tokens_processed = tokens
+    s.messages_dropped = sum(drops.values())
+    s.drop_causes = list(drops)
+    s.drop_counts = [int(v) for v in drops.values()]
+    s.missing_nodes = list(missing)
+    return s
+
+
+def load_plan(config_file: str) -> tuple[ClusterConfig, ClusterPlan, object]:
+    cfg = load_config(config_file)
+    info = load_model_info(resolve_model_dir(cfg.model.name))
+    return cfg, make_plan(cfg, info), info
+
+
+def set_threads(threads: int | None) -> None:
+    env = os.environ.get("MDI_TORCH_THREADS")
+    n = threads or (int(env) if env else None)
+    if n:
+        torch.set_num_threads(n)
+
+
+def run_node(make_node, num_threads: int | Callable[[object], int] = 2, grace_s: float = 0.5) -> int:
+    """Create a node and spin it until SIGINT/SIGTERM, then stop it cleanly.
+
+    rclpy's own signal handling would shut the context down before waiting
+    clients could be answered; here a signal first calls `node.stop()` (which
+    answers or releases what is pending), waits `grace_s` for those answers to
+    leave, and only then shuts the executor and the context down.
+    """
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    rclpy.init(args=sys.argv, signal_handler_options=SignalHandlerOptions.NO)
+    node = None
+    try:
+        node = make_node()
+        threads = num_threads(node) if callable(num_threads) else num_threads
+        executor = MultiThreadedExecutor(num_threads=threads)
+        executor.add_node(node)
+        spinner = threading.Thread(target=executor.spin, name="executor", daemon=True)
+        spinner.start()
+        while not stop.wait(0.5) and spinner.is_alive():
+            pass
+        node.stop()
+        time.sleep(grace_s)
+        executor.shutdown(timeout_sec=2.0)
+        return 0
+    except SystemExit as exc:       # a configuration problem: say it and exit non-zero
+        print(f"[{os.path.basename(sys.argv[0])}] {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if node is not None:
+            node.destroy_node()
+        rclpy.try_shutdown()

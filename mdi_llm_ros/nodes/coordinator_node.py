@@ -1,0 +1,250 @@
+"""Coordinator node: tokenizer, embedding, head, sampling and the recurrent pipeline.
+
+Serves `/generate` (mdi_llm_ros/srv/Generate) and the streaming action
+`/generate_stream` (mdi_llm_ros/action/Generate) under the cluster namespace.
+Ring output, client callbacks and timers run in separate callback groups of a
+MultiThreadedExecutor, so a service call that waits for its answer never
+blocks the ring traffic that produces it.
+
+    ros2 run mdi_llm_ros coordinator_node --ros-args -p config_file:=cluster.yaml
+"""
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+import rclpy
+from rcl_interfaces.msg import ParameterDescriptor
+from rclpy.action import ActionServer, CancelResponse, GoalResponse
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.node import Node
+
+from mdi_llm_ros.action import Generate as GenerateAction
+from mdi_llm_ros.msg import Activation, NodeStatus
+from mdi_llm_ros.srv import Generate
+
+from ..core.engine import CoordinatorModel, GenerateParams
+from ..core.errors import ErrorCode, RequestError
+from ..core.plan import service_name, status_topic
+from ..core.scheduler import GenerationResult, RingScheduler
+from .common import RING_QOS, STATUS_QOS, from_msg, load_plan, make_status, run_node, set_threads, to_msg
+
+
+def params_from(req) -> GenerateParams:
+    return GenerateParams(prompt=req.prompt, use_chat_template=req.use_chat_template,
+                          max_new_tokens=int(req.max_new_tokens), temperature=float(req.temperature),
+                          top_k=int(req.top_k), top_p=float(req.top_p), seed=int(req.seed), stop=tuple(req.stop))
+
+
+def fill_result(out, r: GenerationResult):
+    out.success = r.success
+    out.error_code = r.error_code
+    out.error_message = r.error_message
+    out.text = r.text
+    out.prompt_tokens = r.prompt_tokens
+    out.generated_tokens = r.generated_tokens
+    out.finish_reason = r.finish_reason
+    out.time_to_first_token = float(r.time_to_first_token)
+    out.tokens_per_second = float(r.tokens_per_second)
+    return out
+
+
+def error_result(code: str, message: str) -> GenerationResult:
+    return GenerationResult(success=False, error_code=code, error_message=message, finish_reason="error")
+
+
+class ChunkLiveness:
+    """Which chunk nodes have sent a ready heartbeat recently, and which restarted."""
+
+    def __init__(self, names: list[str], timeout_s: float) -> None:
+        self.names = names
+        self.timeout_s = timeout_s
+        self.last_seen: dict[str, float] = {}
+        self.started_at: dict[str, int] = {}
+        self.status: dict[str, NodeStatus] = {}
+
+    def heard(self, s: NodeStatus) -> bool:
+        """Record a heartbeat; True when this node restarted since we last heard it."""
+        if s.name not in self.names or not s.ready:
+            return False
+        restarted = s.name in self.started_at and self.started_at[s.name] != s.started_at_ns
+        self.started_at[s.name] = s.started_at_ns
+        self.last_seen[s.name] = time.monotonic()
+        self.status[s.name] = s
+        return restarted
+
+    def missing(self) -> list[str]:
+        now = time.monotonic()
+        return [n for n in self.names if now - self.last_seen.get(n, -1e9) > self.timeout_s]
+
+
+class CoordinatorNode(Node):
+    def __init__(self) -> None:
+        super().__init__("mdi_coordinator")
+        self.declare_parameter("config_file", "", ParameterDescriptor(
+            description="cluster config YAML; the plan made from it defines the ring"))
+        config_file = self.get_parameter("config_file").value
+        if not config_file:
+            raise SystemExit("coordinator_node needs parameter config_file (--ros-args -p config_file:=FILE)")
+        cfg, plan, info = load_plan(config_file)
+        self.cfg, self.plan = cfg, plan
+        c = plan.coordinator
+        set_threads(c.threads)
+        t0 = time.monotonic()
+        self.model = CoordinatorModel(info, device=c.device, dtype=plan.dtype,
+                                      layers=(0, c.layer_end) if c.layer_end else None)
+        self.get_logger().info(f"coordinator: model parts loaded in {time.monotonic() - t0:.1f} s "
+                               f"({self.model.parameter_bytes / 1e6:.1f} MB)")
+        self.ring_pub = self.create_publisher(Activation, c.outbound_topic, RING_QOS)
+        self._send_lock = threading.Lock()
+        self.scheduler = RingScheduler(
+            self.model, self.send, cluster=cfg.namespace, max_inflight=cfg.coordinator.max_inflight,
+            queue_limit=cfg.coordinator.queue_limit, max_context=plan.max_context,
+            request_timeout_s=cfg.coordinator.request_timeout_s)
+        self.liveness = ChunkLiveness([n.name for n in plan.chunks], cfg.coordinator.heartbeat_timeout_s)
+        self.ready = False
+        self._missing: list[str] = [n.name for n in plan.chunks]
+        self._was_missing: set[str] = set()
+        self.scheduler.not_ready_reason = self._not_ready_text(self._missing)
+
+        ring_group = MutuallyExclusiveCallbackGroup()
+        client_group = ReentrantCallbackGroup()
+        status_group = MutuallyExclusiveCallbackGroup()
+        self.create_subscription(Activation, c.inbound_topic, self.on_ring_output, RING_QOS,
+                                 callback_group=ring_group)
+        self.status_pub = self.create_publisher(NodeStatus, status_topic(cfg.namespace), STATUS_QOS)
+        self.create_subscription(NodeStatus, status_topic(cfg.namespace), self.on_status, STATUS_QOS,
+                                 callback_group=status_group)
+        self.create_timer(0.2, self.check_ring, callback_group=status_group)
+        self.create_timer(cfg.heartbeat_period_s, self.publish_status, callback_group=status_group)
+        self.create_service(Generate, service_name(cfg.namespace, "generate"), self.on_generate,
+                            callback_group=client_group)
+        self.action = ActionServer(
+            self, GenerateAction, service_name(cfg.namespace, "generate_stream"), self.on_goal_execute,
+            goal_callback=self.on_goal, cancel_callback=lambda _: CancelResponse.ACCEPT,
+            callback_group=client_group)
+        self.get_logger().info(
+            f"coordinator: epoch {self.scheduler.epoch}; serving {service_name(cfg.namespace, 'generate')} and "
+            f"{service_name(cfg.namespace, 'generate_stream')}; waiting for chunk nodes {', '.join(self._missing)}")
+
+    # --- ring -----------------------------------------------------------------------
+    def send(self, msg) -> None:
+        with self._send_lock:
+            self.ring_pub.publish(to_msg(msg))
+
+    def on_ring_output(self, msg: Activation) -> None:
+        try:
+            self.scheduler.on_ring_output(from_msg(msg))
+        except Exception as exc:   # a malformed message must not stop the coordinator
+            self.get_logger().error(f"ring output of request {msg.request_id} dropped: {exc}")
+
+    # --- liveness ---------------------------------------------------------------------
+    def on_status(self, s: NodeStatus) -> None:
+        if s.cluster != self.cfg.namespace:
+            return
+        if self.liveness.heard(s) and self.scheduler.inflight:
+            self.get_logger().warning(f"{s.name} restarted: replaying in-flight requests")
+            self._was_missing.add(s.name)
+
+    @staticmethod
+    def _not_ready_text(missing: list[str]) -> str:
+        return (f"ring incomplete: no heartbeat from {', '.join(missing)}; start them "
+                "(mdi-llm cluster / ros2 launch) or check their logs")
+
+    def check_ring(self) -> None:
+        missing = self.liveness.missing()
+        if missing != self._missing:
+            if missing:
+                self.get_logger().warning(f"chunk nodes missing: {', '.join(missing)}")
+            else:
+                self.get_logger().info("ring complete: all chunk nodes are up; ready")
+            self._was_missing.update(missing)
+            self._missing = missing
+        self.ready = not missing
+        self.scheduler.not_ready_reason = self._not_ready_text(missing) if missing else None
+        self.scheduler.lost_nodes = list(missing)
+        if not missing and self._was_missing and self.scheduler.inflight:
+            n = self.scheduler.replay_inflight()
+            self.get_logger().warning(
+                f"{', '.join(sorted(self._was_missing))} back: replayed the history of {n} in-flight requests")
+        if not missing:
+            self._was_missing.clear()
+        self.scheduler.poll()
+
+    def publish_status(self) -> None:
+        c = self.plan.coordinator
+        self.status_pub.publish(make_status(
+            self, name=c.name, cluster=self.cfg.namespace, role="coordinator", host=c.host, device=c.device,
+            layers=(0, c.layer_end), epoch=self.scheduler.epoch, ready=self.ready,
+            cached=self.scheduler.inflight, queue=self.scheduler.queued,
+            tokens=self.scheduler.tokens_generated, drops={"stale_output": self.scheduler.stale_outputs},
+            missing=self._missing))
+
+    # --- clients ------------------------------------------------------------------------
+    def _wait(self, handle, is_cancelled=lambda: False) -> GenerationResult:
+        deadline = time.monotonic() + self.cfg.coordinator.request_timeout_s + 10
+        while not handle.done:
+            if is_cancelled():
+                handle.cancel()
+            if time.monotonic() > deadline or not rclpy.ok():
+                handle.cancel()
+                return error_result(ErrorCode.TIMEOUT, "no answer from the ring in time")
+            handle.wait(0.02)
+        return handle.result
+
+    def on_generate(self, request, response):
+        try:
+            handle = self.scheduler.submit(params_from(request))
+        except RequestError as exc:
+            self.get_logger().info(f"/generate refused: {exc.code}: {exc.message}")
+            return fill_result(response, error_result(exc.code, exc.message))
+        return fill_result(response, self._wait(handle))
+
+    def on_goal(self, goal) -> GoalResponse:
+        s = self.scheduler
+        if s.not_ready_reason:
+            self.get_logger().warning(f"goal rejected: NOT_READY: {s.not_ready_reason}")
+            return GoalResponse.REJECT
+        if s.inflight >= s.max_inflight and s.queued >= s.queue_limit:
+            self.get_logger().warning(f"goal rejected: BUSY: {s.inflight} in flight, {s.queued} queued")
+            return GoalResponse.REJECT
+        return GoalResponse.ACCEPT
+
+    def on_goal_execute(self, goal_handle):
+        result = GenerateAction.Result()
+
+        def on_piece(piece: str, token: int, count: int) -> None:
+            fb = GenerateAction.Feedback()
+            fb.text, fb.token_id, fb.token_count = piece, int(token), int(count)
+            goal_handle.publish_feedback(fb)
+
+        try:
+            handle = self.scheduler.submit(params_from(goal_handle.request), on_piece)
+        except RequestError as exc:
+            goal_handle.abort()
+            return fill_result(result, error_result(exc.code, exc.message))
+        r = self._wait(handle, lambda: goal_handle.is_cancel_requested)
+        if goal_handle.is_cancel_requested and r.finish_reason == "cancelled":
+            goal_handle.canceled()
+        elif r.success:
+            goal_handle.succeed()
+        else:
+            goal_handle.abort()
+        return fill_result(result, r)
+
+    def stop(self) -> None:
+        n = self.scheduler.fail_all(ErrorCode.SHUTTING_DOWN, "the coordinator is shutting down")
+        if n:
+            self.get_logger().info(f"answered {n} waiting requests with SHUTTING_DOWN")
+
+
+def main() -> int:
+    def threads(node: CoordinatorNode) -> int:
+        c = node.cfg.coordinator        # one thread per waiting client call, plus ring and timers
+        return min(64, c.max_inflight + c.queue_limit + 4)
+    return run_node(CoordinatorNode, num_threads=threads)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Example robot node that asks the shared model through /generate.
+
+    python -m mdi_llm_ros.robot_client --name robot_1 "Which room is the charger in?"
+
+It is what `mdi-llm demo` runs once per robot; copy it as the starting point of
+your own node. With --json it prints one JSON line with the answer and stats.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from dataclasses import asdict
+
+import rclpy
+from rclpy.executors import SingleThreadedExecutor
+
+from .client import GenerateClient
+from .core.errors import ErrorCode
+
+
+def ask(node, prompt: str, namespace: str = "", ready_timeout_s: float = 120.0, **kwargs):
+    """Call /generate; while the cluster reports NOT_READY (nodes still loading), retry."""
+    client = GenerateClient(node, namespace)
+    deadline = time.monotonic() + ready_timeout_s
+    if not client.wait_for_service(ready_timeout_s):
+        raise TimeoutError(f"no {client.service} within {ready_timeout_s:.0f} s")
+    while True:
+        result = client.generate(prompt, **kwargs)
+        if result.error_code != ErrorCode.NOT_READY or time.monotonic() > deadline:
+            return result
+        time.sleep(0.5)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("prompt")
+    p.add_argument("--name", default="robot_client", help="ROS node name of this robot")
+    p.add_argument("--namespace", default="", help="cluster namespace (cluster.namespace in the config)")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=-1)
+    p.add_argument("--chat", action="store_true", help="apply the chat template")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    args = p.parse_args(argv)
+    rclpy.init()
+    node = rclpy.create_node(args.name)
+    executor = SingleThreadedExecutor()
+    executor.add_node(node)
+    threading.Thread(target=executor.spin, daemon=True).start()
+    try:
+        t0 = time.monotonic()
+        result = ask(node, args.prompt, args.namespace, use_chat_template=args.chat,
+                     max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+        wall = time.monotonic() - t0
+        if args.json:
+            print(json.dumps({"robot": args.name, "prompt": args.prompt, "wall_s": wall, **asdict(result)}))
+        else:
+            print(result.text if result.success else f"{result.error_code}: {result.error_message}")
+        return 0 if result.success else 1
+    except TimeoutError as exc:
+        print(f"{args.name}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.try_shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
