@@ -104,12 +104,12 @@ def split_by_weight(num_layers: int, weights: list[float]) -> list[tuple[int, in
             f"chunks: {n} chunk nodes but only {num_layers} layers left for them; "
             "remove chunks or give the coordinator fewer layers")
     total = sum(weights)
-    # Every chunk gets one layer; the rest is shared in proportion.
-    spare = num_layers - n
-    exact = [spare * w / total for w in weights]
-    counts = [1 + int(e) for e in exact]
+    exact = [num_layers * w / total for w in weights]
+    counts = [max(1, int(e)) for e in exact]
+    while sum(counts) > num_layers:                      # the max(1, .) above over-allocated
+        counts[max((i for i in range(n) if counts[i] > 1), key=lambda i: counts[i] - exact[i])] -= 1
     left = num_layers - sum(counts)
-    order = sorted(range(n), key=lambda i: (-(exact[i] - int(exact[i])), i))
+    order = sorted(range(n), key=lambda i: (-(exact[i] - counts[i]), i))
     for i in order[:left]:
         counts[i] += 1
     ranges, start = [], 0

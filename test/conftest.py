@@ -1,0 +1,116 @@
+"""Shared fixtures: models (tiny random and the real SmolLM2), ROS isolation, node processes."""
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+_domains = itertools.count((os.getpid() * 7) % 60 + 20)
+
+
+@pytest.fixture(scope="session")
+def smol_dir() -> Path:
+    """The real SmolLM2-135M-Instruct, prepared (converted) once."""
+    from mdi_llm_ros.core.models import DEFAULT_MODEL, prepare_model
+    return prepare_model(DEFAULT_MODEL, log=lambda s: None)
+
+
+def make_tiny_model(path: Path, arch: str, tokenizer_dir: Path, num_layers: int = 6) -> Path:
+    """A small random model of a Llama-family architecture, saved as safetensors + a real tokenizer."""
+    import torch
+    import transformers
+    common = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    cls = {"llama": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=False)),
+           "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
+           "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(tie_word_embeddings=False, head_dim=16)),
+           "mistral": ("MistralConfig", "MistralForCausalLM", dict(tie_word_embeddings=False))}[arch]
+    config = getattr(transformers, cls[0])(**common, **cls[2])
+    torch.manual_seed(1234)
+    model = getattr(transformers, cls[1])(config)
+    with torch.no_grad():       # make logits less flat than the default init, so greedy ties are rare
+        for p in model.parameters():
+            p.mul_(4.0 if p.dim() > 1 else 1.0)
+    model.save_pretrained(path, safe_serialization=True)
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (tokenizer_dir / f).exists():
+            shutil.copy(tokenizer_dir / f, path / f)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory, smol_dir) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("tiny")
+    return {arch: make_tiny_model(base / arch, arch, smol_dir) for arch in ("llama", "qwen2", "qwen3", "mistral")}
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tiny_dirs) -> Path:
+    return tiny_dirs["llama"]
+
+
+@pytest.fixture
+def ros_env(tmp_path, monkeypatch) -> dict[str, str]:
+    """An isolated ROS environment: own domain id, localhost discovery, own log dir."""
+    env = dict(os.environ)
+    env.update(ROS_DOMAIN_ID=str(next(_domains) % 100 + 1), ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST",
+               ROS_LOG_DIR=str(tmp_path / "roslog"), PYTHONUNBUFFERED="1")
+    for k in ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE", "ROS_LOG_DIR"):
+        monkeypatch.setenv(k, env[k])
+    return env
+
+
+def write_config(path: Path, model: str, chunks: list[dict], **sections) -> Path:
+    import yaml
+    data = {"model": {"name": str(model), "dtype": "float32", "max_context": 1024}, "chunks": chunks}
+    data.update(sections)
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+class Proc:
+    """A child process whose output is collected to a file; stopped with SIGINT, then SIGKILL."""
+
+    def __init__(self, cmd: list[str], env: dict, log: Path) -> None:
+        self.log = log
+        self._f = open(log, "w")
+        self.p = subprocess.Popen(cmd, env=env, stdout=self._f, stderr=subprocess.STDOUT, text=True,
+                                  start_new_session=True)
+
+    def output(self) -> str:
+        self._f.flush()
+        return self.log.read_text(errors="replace")
+
+    def wait_for(self, text: str, timeout: float) -> bool:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if text in self.output():
+                return True
+            if self.p.poll() is not None:
+                return text in self.output()
+            time.sleep(0.2)
+        return False
+
+    def stop(self, timeout: float = 20.0) -> int:
+        if self.p.poll() is None:
+            try:
+                os.killpg(self.p.pid, signal.SIGINT)
+            except ProcessLookupError:
+                pass
+            try:
+                self.p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.p.pid, signal.SIGKILL)
+                self.p.wait()
+        self._f.close()
+        return self.p.returncode

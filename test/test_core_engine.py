@@ -1,0 +1,214 @@
+"""Chunk execution and the recurrent pipeline against plain transformers (tiny random models)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from mdi_llm_ros.core.chunk import ChunkExecutor
+from mdi_llm_ros.core.config import parse_config
+from mdi_llm_ros.core.engine import CoordinatorModel, GenerateParams
+from mdi_llm_ros.core.errors import ErrorCode, RequestError
+from mdi_llm_ros.core.local import LocalRing
+from mdi_llm_ros.core.models import TensorReader, load_model_info
+from mdi_llm_ros.core.plan import make_plan
+from mdi_llm_ros.core.ring import KIND_DECODE, KIND_PREFILL, ChunkHandler, HopMessage
+
+PARTITIONS = {
+    "one chunk": ({}, [{"name": "a", "layers": [0, 6]}]),
+    "two uneven": ({}, [{"name": "a", "layers": [0, 1]}, {"name": "b", "layers": [1, 6]}]),
+    "one per layer": ({}, [{"name": f"c{i}", "layers": [i, i + 1]} for i in range(6)]),
+    "coordinator holds layers": ({"layers": [0, 2]}, [{"name": "a", "layers": [2, 4]}, {"name": "b", "layers": [4, 6]}]),
+}
+
+
+def ring_for(model_dir, coordinator, chunks, **coord_extra):
+    cfg = parse_config({"model": {"name": str(model_dir), "max_context": 256},
+                        "coordinator": {**coordinator, **coord_extra}, "chunks": chunks})
+    info = load_model_info(model_dir)
+    return LocalRing(make_plan(cfg, info), info)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("partition", list(PARTITIONS))
+def test_ring_logits_match_unsplit_model(tiny_dirs, arch, partition):
+    """Prefill + 20 decode steps: the ring's logits equal the unsplit model's (float32 tolerance)."""
+    model_dir = tiny_dirs[arch]
+    coordinator, chunks = PARTITIONS[partition]
+    ring = ring_for(model_dir, coordinator, chunks)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    prompt = torch.randint(3, 49152, (1, 11), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        out = hf(prompt, use_cache=True)
+    ref_logits, cache = out.logits[0, -1], out.past_key_values if hasattr(out, "past_key_values") else out.cache
+
+    ids = prompt[0].tolist()
+    position, step, rid = 0, 0, 7
+    x = ring.model.embed_tokens(ids)
+    kind = KIND_PREFILL
+    for _ in range(21):
+        if ring.model.local_layers is not None:
+            x = ring.model.local_layers.forward(rid, step, position, x, prefill=kind == KIND_PREFILL)
+        msg = HopMessage.with_tensor(x, cluster="", epoch=1, request_id=rid, step=step,
+                                     first_position=position, kind=kind, hop=0)
+        for h in ring.handlers:
+            msg = h.handle(msg)
+            assert msg is not None, getattr(h, "last_drop", None)
+        logits = ring.model.logits(msg.tensor())
+        torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
+        token = int(torch.argmax(ref_logits))
+        position += x.shape[1]
+        step += 1
+        kind = KIND_DECODE
+        x = ring.model.embed_tokens([token])
+        with torch.no_grad():
+            out = hf(torch.tensor([[token]]), cache=cache, use_cache=True)
+        ref_logits = out.logits[0, -1]
+
+
+def test_greedy_generation_token_identical(tiny_dir):
+    ring = ring_for(tiny_dir, {}, [{"name": "a", "layers": [0, 2]}, {"name": "b", "layers": [2, 6]}])
+    hf = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    r = ring.generate(GenerateParams("Robots in the kitchen", max_new_tokens=24))
+    ids = ring.model.encode_prompt("Robots in the kitchen", False)
+    ref = hf.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):].tolist()
+    assert r.token_ids == ref
+    assert r.success and r.generated_tokens == len(ref)
+
+
+def test_chunk_loads_only_its_layers(tiny_dir):
+    info = load_model_info(tiny_dir)
+    reader = TensorReader(info)
+    ex = ChunkExecutor(info, 2, 4, reader=reader)
+    own = {n for n in info.tensor_files if n.startswith(("model.layers.2.", "model.layers.3."))}
+    assert set(reader.names_read) == own                     # nothing else was read
+    measured = sum(p.numel() * p.element_size() for p in ex.layers.parameters())
+    assert measured == ex.parameter_bytes == info.layer_bytes(2) + info.layer_bytes(3)
+    # and the whole model's layers add up to the sum over a partition
+    total = sum(ChunkExecutor(info, s, e).parameter_bytes for s, e in [(0, 1), (1, 4), (4, 6)])
+    assert total == sum(info.layer_bytes(i) for i in range(6))
+
+
+def test_smollm2_chunk_memory_share(smol_dir):
+    """Real weights: a 10-layer chunk holds exactly a third of the layers' bytes."""
+    info = load_model_info(smol_dir)
+    reader = TensorReader(info)
+    ex = ChunkExecutor(info, 10, 20, reader=reader)
+    all_layers = sum(info.layer_bytes(i) for i in range(30))
+    assert ex.parameter_bytes * 3 == all_layers
+    assert all(n.startswith(tuple(f"model.layers.{i}." for i in range(10, 20))) for n in reader.names_read)
+
+
+def test_concurrent_requests_match_solo_runs(tiny_dir):
+    """8 requests with different lengths/sampling/seeds in flight at once == each run alone."""
+    chunks = [{"name": "a", "layers": [0, 2]}, {"name": "b", "layers": [2, 4]}, {"name": "c", "layers": [4, 6]}]
+    prompts = ["Hello robot", "The kitchen is", "Move forward two meters and then", "A",
+               "Battery low, return to", "Sensors report an obstacle at", "Map the room", "Once upon a time"]
+    params = [GenerateParams(p, max_new_tokens=6 + 3 * i, temperature=0.0 if i % 3 == 0 else 0.7 + 0.1 * i,
+                             top_k=0 if i % 2 else 40, top_p=1.0 if i % 4 else 0.9, seed=100 + i)
+              for i, p in enumerate(prompts)]
+    ring = ring_for(tiny_dir, {}, chunks, max_inflight=8)
+    handles = [ring.submit(p) for p in params]
+    assert ring.scheduler.inflight == 8
+    together = ring.run(handles)
+    assert ring.scheduler.max_inflight_seen == 8
+    solo_ring = ring_for(tiny_dir, {}, chunks)
+    for p, r in zip(params, together):
+        alone = solo_ring.generate(p)
+        assert r.token_ids == alone.token_ids and r.text == alone.text
+    # every cache was released on every chunk
+    assert all(h.executor.num_cached == 0 for h in ring.handlers)
+
+
+def test_queue_busy_and_cancel(tiny_dir):
+    ring = ring_for(tiny_dir, {}, [{"name": "a"}], max_inflight=1, queue_limit=1)
+    h1 = ring.submit(GenerateParams("first", max_new_tokens=5))
+    h2 = ring.submit(GenerateParams("second", max_new_tokens=5))
+    assert ring.scheduler.inflight == 1 and ring.scheduler.queued == 1
+    with pytest.raises(RequestError) as exc:
+        ring.submit(GenerateParams("third", max_new_tokens=5))
+    assert exc.value.code == ErrorCode.BUSY
+    ring.pump(max_messages=3)
+    h1.cancel()
+    r1, r2 = ring.run([h1, h2])
+    assert r1.finish_reason == "cancelled" and not r1.success and r1.error_code == ErrorCode.CANCELLED
+    assert r2.success and r2.generated_tokens == 5
+    assert ring.handlers[0].executor.num_cached == 0
+
+
+@pytest.mark.parametrize("params,code", [
+    (dict(prompt=""), ErrorCode.EMPTY_PROMPT),
+    (dict(prompt="hi", max_new_tokens=0), ErrorCode.INVALID_MAX_NEW_TOKENS),
+    (dict(prompt="hi", max_new_tokens=100000), ErrorCode.INVALID_MAX_NEW_TOKENS),
+    (dict(prompt="hi", temperature=float("nan")), ErrorCode.INVALID_TEMPERATURE),
+    (dict(prompt="hi", temperature=-0.5), ErrorCode.INVALID_TEMPERATURE),
+    (dict(prompt="hi", top_p=0.0), ErrorCode.INVALID_TOP_P),
+    (dict(prompt="hi", top_k=-1), ErrorCode.INVALID_TOP_K),
+    (dict(prompt="hi", seed=-5), ErrorCode.INVALID_SEED),
+    (dict(prompt="hi", stop=("x" * 100,)), ErrorCode.INVALID_STOP),
+    (dict(prompt="hi\x00there"), ErrorCode.INVALID_TEXT),
+    (dict(prompt="word " * 400), ErrorCode.PROMPT_TOO_LONG),
+])
+def test_bad_requests_refused_with_code(tiny_dir, params, code):
+    ring = ring_for(tiny_dir, {}, [{"name": "a"}])
+    with pytest.raises(RequestError) as exc:
+        ring.submit(GenerateParams(**params))
+    assert exc.value.code == code
+
+
+def test_stop_strings_and_streaming_pieces(tiny_dir):
+    ring = ring_for(tiny_dir, {}, [{"name": "a"}, {"name": "b"}])
+    free = ring.generate(GenerateParams("Hello", max_new_tokens=20))
+    stop = free.text[len(free.text) // 2: len(free.text) // 2 + 3]
+    assume = stop.strip()
+    if not assume:
+        pytest.skip("generated text has no usable stop string")
+    pieces = []
+    r = ring.generate(GenerateParams("Hello", max_new_tokens=20, stop=(stop,)),
+                      on_piece=lambda p, t, n: pieces.append(p))
+    assert r.finish_reason == "stop"
+    assert r.text == free.text[:free.text.find(stop)]
+    assert "".join(pieces) == r.text
+
+
+def test_bad_activations_dropped_and_counted(tiny_dir):
+    info = load_model_info(tiny_dir)
+    h = ChunkHandler(ChunkExecutor(info, 0, 3), cluster="c", hop=0)
+    good = HopMessage.with_tensor(torch.randn(1, 4, 64), cluster="c", epoch=5, request_id=1, step=0,
+                                  first_position=0, kind=KIND_PREFILL, hop=0)
+    assert h.handle(good) is not None
+    cases = {
+        "foreign_cluster": dict(cluster="other"),
+        "wrong_hop": dict(hop=1),
+        "stale_epoch": dict(epoch=4),
+        "bad_tensor": dict(dtype="float64"),
+        "unknown_request": dict(request_id=99, kind=KIND_DECODE, step=1, first_position=4,
+                                shape=[1, 1, 64], data=bytes(256)),
+        "duplicate_step": dict(kind=KIND_DECODE, step=0, first_position=4, shape=[1, 1, 64], data=bytes(256)),
+        "out_of_order": dict(kind=KIND_DECODE, step=3, first_position=4, shape=[1, 1, 64], data=bytes(256)),
+        "bad_position": dict(kind=KIND_DECODE, step=1, first_position=9, shape=[1, 1, 64], data=bytes(256)),
+        "bad_kind": dict(kind=9),
+    }
+    for cause, change in cases.items():
+        bad = HopMessage(**{**good.__dict__, **change})
+        assert h.handle(bad) is None, cause
+        assert h.stats.drops.get(cause) == 1, (cause, h.stats.drops)
+    # the valid request's cache is intact: its next step is still accepted
+    nxt = HopMessage.with_tensor(torch.randn(1, 1, 64), cluster="c", epoch=5, request_id=1, step=1,
+                                 first_position=4, kind=KIND_DECODE, hop=0)
+    assert h.handle(nxt) is not None
+    # a newer epoch (restarted coordinator) drops the old epoch's caches
+    fresh = HopMessage(**{**good.__dict__, "epoch": 6, "request_id": 2})
+    assert h.handle(fresh) is not None and set(h.executor.caches) == {2}
+
+
+def test_cache_limit_and_idle_eviction(tiny_dir):
+    info = load_model_info(tiny_dir)
+    ex = ChunkExecutor(info, 0, 1, max_cached_requests=2, cache_idle_timeout_s=10)
+    for rid in (1, 2):
+        ex.forward(rid, 0, 0, torch.randn(1, 3, 64))
+    from mdi_llm_ros.core.errors import ActivationRejected
+    with pytest.raises(ActivationRejected, match="max_cached_requests"):
+        ex.forward(3, 0, 0, torch.randn(1, 3, 64))
+    import time
+    assert ex.evict_idle(time.monotonic() + 11) == [1, 2] and ex.num_cached == 0
