@@ -72,7 +72,7 @@ def ros_env(tmp_path, monkeypatch) -> dict[str, str]:
 
 def write_config(path: Path, model: str, chunks: list[dict], **sections) -> Path:
     import yaml
-    data = {"model": {"name": str(model), "dtype": "float32", "max_context": 1024}, "chunks": chunks}
+    data = {"model": {"name": str(model), "dtype": "float32", "max_context": 512}, "chunks": chunks}
     data.update(sections)
     path.write_text(yaml.safe_dump(data))
     return path

@@ -6,6 +6,7 @@ convert messages and call it.
 from __future__ import annotations
 
 import array
+import logging
 import os
 import signal
 import sys
@@ -109,6 +110,8 @@ def run_node(make_node, num_threads: int | Callable[[object], int] = 2, grace_s:
     answers or releases what is pending), waits `grace_s` for those answers to
     leave, and only then shuts the executor and the context down.
     """
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="[%(levelname)s] [%(name)s]: %(message)s")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

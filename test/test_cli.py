@@ -1,0 +1,55 @@
+"""The command-line contract: plan table, generate --local output and argument errors."""
+import subprocess
+import sys
+
+import pytest
+
+from conftest import write_config
+
+MDI = [sys.executable, "-m", "mdi_llm_ros.cli"]
+
+
+def run(args, **kw):
+    return subprocess.run(MDI + args, capture_output=True, text=True, timeout=300, **kw)
+
+
+def test_plan_default_config():
+    r = run(["plan"], cwd=str(__import__("conftest").REPO))
+    assert r.returncode == 0, r.stderr
+    for name in ("coordinator", "chunk_0", "chunk_1", "chunk_2", "[0, 10)", "[20, 30)", "/mdi/ring/hop_3"):
+        assert name in r.stdout
+
+
+def test_plan_reports_config_errors(tmp_path, tiny_dir):
+    cfg = write_config(tmp_path / "c.yaml", tiny_dir, [{"name": "a", "layers": [0, 4]}])
+    r = run(["plan", "--config", str(cfg)])
+    assert r.returncode == 2 and "chunks[0].layers" in r.stderr and "must end at 6" in r.stderr
+
+
+def test_generate_local_prints_only_the_continuation(tmp_path, tiny_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    cfg = write_config(tmp_path / "c.yaml", tiny_dir, [{"name": "a"}, {"name": "b"}])
+    r = run(["generate", "--local", "--config", str(cfg), "--max-new-tokens", "12", "--temperature", "0",
+             "Robots are"])
+    assert r.returncode == 0, r.stderr
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    ids = tok("Robots are", return_tensors="pt").input_ids
+    ref = tok.decode(model.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:],
+                     skip_special_tokens=True)
+    assert r.stdout == ref + "\n"
+    assert "generated tokens" in r.stderr
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--temperature", "-1"], "INVALID_TEMPERATURE"),
+    (["--temperature", "nan"], "not a finite number"),
+    (["--top-p", "1.5"], "INVALID_TOP_P"),
+    (["--max-new-tokens", "0"], "INVALID_MAX_NEW_TOKENS"),
+    (["--top-k", "x"], "invalid int value"),
+])
+def test_generate_local_rejects_bad_arguments(tmp_path, tiny_dir, args, needle):
+    cfg = write_config(tmp_path / "c.yaml", tiny_dir, [{"name": "a"}])
+    r = run(["generate", "--local", "--config", str(cfg), *args, "hello"])
+    assert r.returncode != 0 and needle in r.stderr and r.stdout == ""

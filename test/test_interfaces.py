@@ -1,0 +1,90 @@
+"""The generated interfaces over real DDS between two processes."""
+import hashlib
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import Proc
+
+pytestmark = pytest.mark.ros
+
+
+def test_interfaces_import():
+    from mdi_llm_ros.action import Generate as GenerateAction  # noqa: F401
+    from mdi_llm_ros.msg import Activation, NodeStatus
+    from mdi_llm_ros.srv import Generate
+    assert Activation.KIND_PREFILL == 0 and Activation.KIND_RELEASE == 2
+    assert Generate.Request().max_new_tokens == 128 and Generate.Request().seed == -1
+    assert "missing_nodes" in NodeStatus.get_fields_and_field_types()
+
+
+@pytest.fixture
+def peer(ros_env, tmp_path):
+    p = Proc([sys.executable, str(Path(__file__).parent / "helpers" / "interface_peer.py"), "60"], ros_env,
+             tmp_path / "peer.log")
+    assert p.wait_for("peer ready", 30), p.output()
+    yield p
+    p.stop()
+
+
+@pytest.fixture
+def ros_node(ros_env):
+    import rclpy
+    from rclpy.executors import MultiThreadedExecutor
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    node = rclpy.create_node("interface_test", context=context)
+    ex = MultiThreadedExecutor(num_threads=4, context=context)
+    ex.add_node(node)
+    threading.Thread(target=ex.spin, daemon=True).start()
+    yield node
+    ex.shutdown()
+    node.destroy_node()
+    rclpy.shutdown(context=context)
+
+
+def test_activation_1mb_arrives_bit_identical(peer, ros_node):
+    from mdi_llm_ros.core.ring import HopMessage
+    from mdi_llm_ros.msg import Activation
+    from mdi_llm_ros.nodes.common import RING_QOS, from_msg, to_msg
+    got = []
+    done = threading.Event()
+    ros_node.create_subscription(Activation, "/itest/back", lambda m: (got.append(m), done.set()), RING_QOS)
+    pub = ros_node.create_publisher(Activation, "/itest/out", RING_QOS)
+    tensor = torch.randn(1, 455, 576)                       # 1,048,320 bytes of float32
+    msg = to_msg(HopMessage.with_tensor(tensor, cluster="c", epoch=3, request_id=42, step=0,
+                                        first_position=0, kind=0, hop=0))
+    deadline = time.monotonic() + 30
+    while not done.wait(0.5) and time.monotonic() < deadline:
+        if pub.get_subscription_count():
+            pub.publish(msg)
+    assert got, "no echo within 30 s"
+    back = from_msg(got[0])
+    assert (back.request_id, back.epoch, back.shape) == (42, 3, [1, 455, 576])
+    out = back.tensor()
+    assert hashlib.sha256(bytes(memoryview(out.numpy()).cast("B"))).digest() == \
+        hashlib.sha256(bytes(memoryview(tensor.numpy()).cast("B"))).digest()
+    assert torch.equal(out, tensor)
+
+
+def test_generate_service_round_trip(peer, ros_node):
+    from mdi_llm_ros.client import GenerateClient
+    client = GenerateClient(ros_node, "itest")
+    assert client.wait_for_service(20)
+    r = client.generate("one two three", max_new_tokens=2, timeout_s=20)
+    assert r.success and r.text == "three two one" and r.generated_tokens == 2 and r.prompt_tokens == 3
+
+
+def test_generate_action_feedback(peer, ros_node):
+    from mdi_llm_ros.client import GenerateClient, StreamPiece
+    client = GenerateClient(ros_node, "itest")
+    assert client.wait_for_action(20)
+    items = list(client.stream("robots share one model", timeout_s=20))
+    pieces = [i for i in items if isinstance(i, StreamPiece)]
+    result = items[-1]
+    assert [p.token_count for p in pieces] == [1, 2, 3, 4]
+    assert "".join(p.text for p in pieces) == result.text == "robots share one model"
