@@ -1,0 +1,134 @@
+"""The ring on real ROS 2: separate node processes over DDS, real SmolLM2 weights."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from conftest import Proc, write_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.ros]
+
+PROMPTS = [("The three laws of robotics are", False), ("What is a robot?", True)]
+
+
+def expected_text(smol_dir, prompt, chat, n):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(smol_dir)
+    model = AutoModelForCausalLM.from_pretrained(smol_dir, dtype=torch.float32)
+    if chat:
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                      tokenize=True)
+        ids = ids if isinstance(ids, list) else ids["input_ids"]
+    else:
+        ids = tok(prompt).input_ids
+    out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)[0, len(ids):]
+    return tok.decode(out, skip_special_tokens=True), len(out)
+
+
+@pytest.fixture(scope="module")
+def references(smol_dir):
+    return {p: expected_text(smol_dir, p, chat, 24) for p, chat in PROMPTS}
+
+
+@pytest.fixture
+def cluster(ros_env, tmp_path, smol_dir):
+    cfg = write_config(tmp_path / "cluster.yaml", "smollm2-135m-instruct",
+                       [{"name": "chunk_0"}, {"name": "chunk_1"}, {"name": "chunk_2"}],
+                       coordinator={"max_inflight": 8, "request_timeout_s": 120})
+    proc = Proc([sys.executable, "-m", "mdi_llm_ros.cli", "cluster", "--config", str(cfg)], ros_env,
+                tmp_path / "cluster.log")
+    assert proc.wait_for("ring complete", 90), proc.output()
+    yield proc
+    assert proc.stop() == 0, proc.output()[-3000:]
+
+
+@pytest.fixture
+def ros_node(ros_env):
+    import rclpy
+    from rclpy.executors import MultiThreadedExecutor
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    node = rclpy.create_node("cluster_test", context=context)
+    ex = MultiThreadedExecutor(num_threads=4, context=context)
+    ex.add_node(node)
+    threading.Thread(target=ex.spin, daemon=True).start()
+    yield node
+    ex.shutdown()
+    node.destroy_node()
+    rclpy.shutdown(context=context)
+
+
+def chunk_status(node, seconds=1.5):
+    """Latest NodeStatus of every chunk node."""
+    from mdi_llm_ros.msg import NodeStatus
+    from mdi_llm_ros.nodes.common import STATUS_QOS
+    latest = {}
+    sub = node.create_subscription(NodeStatus, "/mdi/status", lambda s: latest.__setitem__(s.name, s), STATUS_QOS)
+    time.sleep(seconds)
+    node.destroy_subscription(sub)
+    return {k: v for k, v in latest.items() if v.role == "chunk"}
+
+
+def test_ring_service_action_and_concurrency(cluster, ros_node, ros_env, references, tmp_path):
+    from mdi_llm_ros.client import GenerateClient, StreamPiece
+    client = GenerateClient(ros_node)
+    assert client.wait_for_service(30)
+
+    # 1. greedy /generate equals plain transformers generation
+    for prompt, chat in PROMPTS:
+        r = client.generate(prompt, use_chat_template=chat, max_new_tokens=24, timeout_s=120)
+        text, n = references[prompt]
+        assert r.success, r
+        assert (r.text, r.generated_tokens) == (text, n)
+        assert r.time_to_first_token > 0 and r.tokens_per_second > 0
+
+    # 2. four robot client processes at once, all answered correctly
+    procs = [subprocess.Popen([sys.executable, "-m", "mdi_llm_ros.robot_client", "--name", f"robot_{i}", "--json",
+                               "--max-new-tokens", "24", *(["--chat"] if chat else []), prompt],
+                              env=ros_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i, (prompt, chat) in enumerate(PROMPTS * 2)]
+    for proc, (prompt, _) in zip(procs, PROMPTS * 2):
+        out, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, err
+        r = json.loads(out.strip().splitlines()[-1])
+        assert r["success"] and r["text"] == references[prompt][0]
+    inflight = [int(line.rsplit(":", 1)[1]) for line in cluster.output().splitlines()
+                if "admitted" in line and "in flight:" in line]
+    assert max(inflight) > 1, "never more than one request in flight"
+
+    # 3. the action streams pieces whose concatenation is the final text
+    items = list(client.stream("The three laws of robotics are", max_new_tokens=24, timeout_s=120))
+    pieces = [i for i in items if isinstance(i, StreamPiece)]
+    assert len(pieces) >= 10 and "".join(p.text for p in pieces) == items[-1].text == references[PROMPTS[0][0]][0]
+
+    # 4. a cancel stops generation and frees the caches on every chunk
+    items = list(client.stream("Tell me a long story about a robot", max_new_tokens=200, cancel_after=3,
+                               timeout_s=120))
+    result = items[-1]
+    assert result.finish_reason == "cancelled" and not result.success and result.generated_tokens < 200
+    status = chunk_status(ros_node)
+    assert set(status) == {"chunk_0", "chunk_1", "chunk_2"}
+    assert all(s.requests_cached == 0 for s in status.values()), {k: s.requests_cached for k, s in status.items()}
+    assert all(s.tokens_processed > 0 and s.resident_memory_bytes > 0 for s in status.values())
+
+
+def test_cluster_host_starts_only_its_nodes(ros_env, tmp_path, tiny_dir):
+    cfg = write_config(tmp_path / "hosts.yaml", tiny_dir,
+                       [{"name": "arm", "host": "robot_a"}, {"name": "base", "host": "robot_b"},
+                        {"name": "head", "host": "robot_a"}], coordinator={"host": "robot_b"})
+    proc = Proc([sys.executable, "-m", "mdi_llm_ros.cli", "cluster", "--config", str(cfg), "--host", "robot_a"],
+                ros_env, tmp_path / "a.log")
+    assert proc.wait_for("weights loaded", 60) and proc.wait_for("[head]", 30), proc.output()
+    started = [line for line in proc.output().splitlines() if "[launcher] started" in line][0]
+    assert "arm (pid" in started and "head (pid" in started
+    assert "base" not in started and "coordinator" not in started
+    assert proc.stop() == 0
+    bad = subprocess.run([sys.executable, "-m", "mdi_llm_ros.cli", "cluster", "--config", str(cfg),
+                          "--host", "robot_z"], env=ros_env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "host 'robot_z' runs no node" in bad.stderr
