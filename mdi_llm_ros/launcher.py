@@ -112,6 +112,9 @@ class Cluster:
         self.respawn = respawn
         self.env = dict(os.environ if env is None else env)
         self.env.setdefault("PYTHONUNBUFFERED", "1")
+        # Nodes sharing a host share its cores: without this, every process would start
+        # one torch thread per core and they would all fight over them.
+        self.env.setdefault("MDI_TORCH_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, len(specs)))))
         self.out = out
         self.python = python
         self.procs: dict[str, subprocess.Popen] = {}
@@ -160,8 +163,10 @@ class Cluster:
             return name
         return None
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGINT every node, wait, then SIGKILL the stubborn ones; clean their shm segments."""
+    def stop(self, timeout: float = 10.0) -> dict[str, int]:
+        """SIGINT every node, wait, then SIGKILL the stubborn ones; clean their shm segments.
+
+        Returns each node's exit code (0 is a clean shutdown)."""
         self._stopping = True
         for proc in self.procs.values():
             if proc.poll() is None:
@@ -183,6 +188,9 @@ class Cluster:
         removed = clean_fastdds_segments(self._shm_before)
         if removed:
             self._log("launcher", f"removed {len(removed)} stale Fast DDS shared-memory files")
+        codes = {name: proc.returncode for name, proc in self.procs.items()}
+        self._log("launcher", "stopped: " + ", ".join(f"{n} exit {c}" for n, c in codes.items()))
+        return codes
 
 
 def run_cluster(cfg: ClusterConfig, host: str | None = None, respawn: bool = False,
@@ -209,7 +217,12 @@ def run_cluster(cfg: ClusterConfig, host: str | None = None, respawn: bool = Fal
         failed = cluster.supervise_once()
         if failed:
             break
-    cluster.stop()
+    codes = cluster.stop()
     if failed:
+        return 1
+    # -SIGINT: a node still importing when asked to stop (its handler was not installed yet)
+    unclean = [n for n, c in codes.items() if c not in (0, -signal.SIGINT)]
+    if unclean:
+        cluster._log("launcher", f"unclean shutdown of {', '.join(unclean)}")
         return 1
     return 0

@@ -88,7 +88,8 @@ class Proc:
                                   start_new_session=True)
 
     def output(self) -> str:
-        self._f.flush()
+        if not self._f.closed:
+            self._f.flush()
         return self.log.read_text(errors="replace")
 
     def wait_for(self, text: str, timeout: float) -> bool:

@@ -132,3 +132,36 @@ def test_cluster_host_starts_only_its_nodes(ros_env, tmp_path, tiny_dir):
     bad = subprocess.run([sys.executable, "-m", "mdi_llm_ros.cli", "cluster", "--config", str(cfg),
                           "--host", "robot_z"], env=ros_env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "host 'robot_z' runs no node" in bad.stderr
+
+
+def _pid_of(proc: Proc, name: str) -> int:
+    started = [line for line in proc.output().splitlines() if "[launcher] started" in line][-1]
+    return int(started.split(f"{name} (pid ")[1].split(")")[0])
+
+
+@pytest.mark.parametrize("respawn", [False, True])
+def test_launcher_handles_a_dead_chunk_node(ros_env, tmp_path, tiny_dir, respawn):
+    import os
+    import signal
+    cfg = write_config(tmp_path / "c.yaml", tiny_dir, [{"name": "a"}, {"name": "b"}],
+                       coordinator={"heartbeat_timeout_s": 1.0})
+    proc = Proc([sys.executable, "-m", "mdi_llm_ros.cli", "cluster", "--config", str(cfg),
+                 *(["--respawn"] if respawn else [])], ros_env, tmp_path / "cluster.log")
+    assert proc.wait_for("ring complete", 60), proc.output()
+    os.kill(_pid_of(proc, "b"), signal.SIGKILL)
+    if respawn:
+        assert proc.wait_for("b exited with -9; respawning", 10), proc.output()
+        assert proc.wait_for("chunk nodes missing: b", 10), proc.output()
+        tail = lambda: proc.output().split("chunk nodes missing: b", 1)[1]  # noqa: E731
+        end = time.monotonic() + 60
+        while "ring complete" not in tail() and time.monotonic() < end:
+            time.sleep(0.3)
+        assert "ring complete" in tail(), proc.output()
+        assert proc.stop() == 0, proc.output()[-2000:]
+    else:
+        proc.p.wait(30)
+        assert proc.p.returncode == 1
+        out = proc.output()
+        assert "b exited with code -9; stopping the other nodes" in out
+        assert "coordinator exit 0" in out and "a exit 0" in out
+        proc.stop()
