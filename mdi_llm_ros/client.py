@@ -136,6 +136,30 @@ class GenerateClient:
         yield to_result(result_future.result().result)
 
 
+class BackgroundSpin:
+    """Spin a node in a background thread; `close()` stops and joins it before rclpy shuts down
+    (a spin thread still inside rcl at interpreter exit aborts the process)."""
+
+    def __init__(self, node: Node) -> None:
+        from rclpy.executors import SingleThreadedExecutor
+        self.node = node
+        self.executor = SingleThreadedExecutor(context=node.context)
+        self.executor.add_node(node)
+        self.thread = threading.Thread(target=self._spin, name="ros-spin", daemon=True)
+        self.thread.start()
+
+    def _spin(self) -> None:
+        try:
+            self.executor.spin()
+        except Exception:           # context shut down under us: nothing left to do
+            pass
+
+    def close(self) -> None:
+        self.executor.shutdown(timeout_sec=2.0)
+        self.thread.join(timeout=5.0)
+        self.node.destroy_node()
+
+
 def _wait_future(future, timeout_s: float) -> bool:
     done = threading.Event()
     future.add_done_callback(lambda _: done.set())
@@ -145,15 +169,11 @@ def _wait_future(future, timeout_s: float) -> bool:
 def run_cli_client(cfg, params: GenerateParams, *, stream: bool, wait_s: float) -> int:
     """`mdi-llm generate` over ROS: only the continuation on stdout, errors on stderr."""
     import rclpy
-    from rclpy.executors import SingleThreadedExecutor
 
     from .cli import print_stats
     rclpy.init()
     node = rclpy.create_node(f"mdi_generate_client_{int(time.time() * 1000) % 10**9}")
-    executor = SingleThreadedExecutor()
-    executor.add_node(node)
-    spinner = threading.Thread(target=executor.spin, daemon=True)
-    spinner.start()
+    spin = BackgroundSpin(node)
     try:
         client = GenerateClient(node, cfg.namespace)
         ready = client.wait_for_action(wait_s) if stream else client.wait_for_service(wait_s)
@@ -182,6 +202,5 @@ def run_cli_client(cfg, params: GenerateParams, *, stream: bool, wait_s: float) 
         print_stats(result)
         return 0
     finally:
-        executor.shutdown()
-        node.destroy_node()
+        spin.close()
         rclpy.try_shutdown()

@@ -10,14 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import threading
 import time
 from dataclasses import asdict
 
 import rclpy
-from rclpy.executors import SingleThreadedExecutor
 
-from .client import GenerateClient
+from .client import BackgroundSpin, GenerateClient
 from .core.errors import ErrorCode
 
 
@@ -47,9 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     rclpy.init()
     node = rclpy.create_node(args.name)
-    executor = SingleThreadedExecutor()
-    executor.add_node(node)
-    threading.Thread(target=executor.spin, daemon=True).start()
+    spin = BackgroundSpin(node)
     try:
         t0 = time.monotonic()
         result = ask(node, args.prompt, args.namespace, use_chat_template=args.chat,
@@ -64,8 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.name}: {exc}", file=sys.stderr)
         return 1
     finally:
-        executor.shutdown()
-        node.destroy_node()
+        spin.close()
         rclpy.try_shutdown()
 
 

@@ -70,6 +70,21 @@ def ros_env(tmp_path, monkeypatch) -> dict[str, str]:
     return env
 
 
+@pytest.fixture
+def ros_node(ros_env):
+    """An rclpy node in its own context, spun in a background thread."""
+    import rclpy
+
+    from mdi_llm_ros.client import BackgroundSpin
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    node = rclpy.create_node("test_client", context=context)
+    spin = BackgroundSpin(node)
+    yield node
+    spin.close()
+    rclpy.shutdown(context=context)
+
+
 def write_config(path: Path, model: str, chunks: list[dict], **sections) -> Path:
     import yaml
     data = {"model": {"name": str(model), "dtype": "float32", "max_context": 512}, "chunks": chunks}

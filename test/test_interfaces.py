@@ -31,20 +31,6 @@ def peer(ros_env, tmp_path):
     p.stop()
 
 
-@pytest.fixture
-def ros_node(ros_env):
-    import rclpy
-    from rclpy.executors import MultiThreadedExecutor
-    context = rclpy.Context()
-    rclpy.init(context=context)
-    node = rclpy.create_node("interface_test", context=context)
-    ex = MultiThreadedExecutor(num_threads=4, context=context)
-    ex.add_node(node)
-    threading.Thread(target=ex.spin, daemon=True).start()
-    yield node
-    ex.shutdown()
-    node.destroy_node()
-    rclpy.shutdown(context=context)
 
 
 def test_activation_1mb_arrives_bit_identical(peer, ros_node):

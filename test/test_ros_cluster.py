@@ -48,20 +48,6 @@ def cluster(ros_env, tmp_path, smol_dir):
     assert proc.stop() == 0, proc.output()[-3000:]
 
 
-@pytest.fixture
-def ros_node(ros_env):
-    import rclpy
-    from rclpy.executors import MultiThreadedExecutor
-    context = rclpy.Context()
-    rclpy.init(context=context)
-    node = rclpy.create_node("cluster_test", context=context)
-    ex = MultiThreadedExecutor(num_threads=4, context=context)
-    ex.add_node(node)
-    threading.Thread(target=ex.spin, daemon=True).start()
-    yield node
-    ex.shutdown()
-    node.destroy_node()
-    rclpy.shutdown(context=context)
 
 
 def chunk_status(node, seconds=1.5):

@@ -9,7 +9,7 @@ it and count why.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
@@ -62,6 +62,7 @@ class ChunkHandler:
         self.max_payload_bytes = max_payload_bytes
         self.epoch = 0                  # epoch of the coordinator whose caches we hold
         self.released: set[int] = set()  # recently released ids: late messages for them are stale
+        self.last_drop: ActivationRejected | None = None   # for rate-limited logging by the node
         self._lock = threading.Lock()
 
     @property
@@ -119,7 +120,3 @@ class ChunkHandler:
             for rid in sorted(self.released)[:2048]:
                 self.released.discard(rid)
 
-
-def rebase(msg: HopMessage, **changes) -> HopMessage:
-    """A copy of a message with some fields changed."""
-    return replace(msg, **changes)

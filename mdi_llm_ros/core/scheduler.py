@@ -150,7 +150,7 @@ class RingScheduler:
             for req in self._queue:
                 if req.rid == request_id:
                     self._queue.remove(req)
-                    self._complete(req, "cancelled", release=False)
+                    self._complete(req, "cancelled")
                     return True
             req = self._inflight.get(request_id)
             if req is None:
@@ -248,11 +248,11 @@ class RingScheduler:
             self._emit(req, tail, last_token if last_token is not None else -1)
         self._inflight.pop(req.rid, None)
         self._send_release(req.rid, len(req.tokens) + 1)
-        self._complete(req, reason, release=False, error=error)
+        self._complete(req, reason, error=error)
         while self._queue and len(self._inflight) < self.max_inflight and not self.not_ready_reason:
             self._admit(self._queue.popleft())
 
-    def _complete(self, req: _Request, reason: str, release: bool, error: tuple[str, str] | None = None) -> None:
+    def _complete(self, req: _Request, reason: str, error: tuple[str, str] | None = None) -> None:
         n = len(req.tokens)
         decode_time = req.last_token_at - req.first_token_at
         result = GenerationResult(
@@ -276,7 +276,7 @@ class RingScheduler:
                 if req.rid in self._inflight:
                     self._inflight.pop(req.rid)
                     self._send_release(req.rid, len(req.tokens) + 1)
-                self._complete(req, "error", release=False, error=(code, message))
+                self._complete(req, "error", error=(code, message))
             return len(victims)
 
     def poll(self) -> None:
@@ -293,7 +293,7 @@ class RingScheduler:
                     error = (ErrorCode.TIMEOUT, f"no answer within request_timeout_s={self.request_timeout_s:.0f} s")
                 if req in self._queue:
                     self._queue.remove(req)
-                    self._complete(req, "error", release=False, error=error)
+                    self._complete(req, "error", error=error)
                 else:
                     self._finish(req, "error", error=error)
 

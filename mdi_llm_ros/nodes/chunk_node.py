@@ -83,7 +83,7 @@ class ChunkNode(Node):
 
     def log_drop(self) -> None:
         """Log each drop cause at most once per 5 s (a flood must not flood the log)."""
-        exc = getattr(self.handler, "last_drop", None)
+        exc = self.handler.last_drop
         if exc is None:
             return
         now = time.monotonic()

@@ -102,6 +102,13 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(n)
 
 
+def _spin_quietly(executor) -> None:
+    try:
+        executor.spin()
+    except Exception:               # the context was shut down under us
+        pass
+
+
 def run_node(make_node, num_threads: int | Callable[[object], int] = 2, grace_s: float = 0.5) -> int:
     """Create a node and spin it until SIGINT/SIGTERM, then stop it cleanly.
 
@@ -122,13 +129,14 @@ def run_node(make_node, num_threads: int | Callable[[object], int] = 2, grace_s:
         threads = num_threads(node) if callable(num_threads) else num_threads
         executor = MultiThreadedExecutor(num_threads=threads)
         executor.add_node(node)
-        spinner = threading.Thread(target=executor.spin, name="executor", daemon=True)
+        spinner = threading.Thread(target=_spin_quietly, args=(executor,), name="executor", daemon=True)
         spinner.start()
         while not stop.wait(0.5) and spinner.is_alive():
             pass
         node.stop()
         time.sleep(grace_s)
         executor.shutdown(timeout_sec=2.0)
+        spinner.join(timeout=5.0)   # a spin thread left inside rcl at exit aborts the process
         return 0
     except SystemExit as exc:       # a configuration problem: say it and exit non-zero
         print(f"[{os.path.basename(sys.argv[0])}] {exc}", file=sys.stderr)
