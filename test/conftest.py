@@ -130,3 +130,13 @@ class Proc:
                 self.p.wait()
         self._f.close()
         return self.p.returncode
+
+
+@pytest.fixture(scope="session", autouse=True)
+def clean_shared_memory():
+    """Remove the Fast DDS shared-memory files the suite's processes leave behind (killed
+    nodes, test clients), so a test run leaves /dev/shm as it found it."""
+    from mdi_llm_ros.launcher import clean_fastdds_segments, fastdds_segments
+    before = fastdds_segments()
+    yield
+    clean_fastdds_segments(before)
