@@ -128,6 +128,11 @@ def cmd_demo(args) -> int:
     return run_demo(_load(args), clients=args.clients, max_new_tokens=args.max_new_tokens)
 
 
+def cmd_soak(args) -> int:
+    from .soak import soak_cluster
+    return soak_cluster(_load(args), duration_s=args.duration, clients=args.clients)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mdi-llm", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -164,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clients", type=int, default=4, help="concurrent robot client processes")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("soak", help="load test: concurrent clients with a mixed stream, then leak checks")
+    p.add_argument("--config", help="cluster config YAML (default: config/cluster.yaml)")
+    p.add_argument("--duration", type=float, default=180.0, help="seconds of traffic (default 180)")
+    p.add_argument("--clients", type=int, default=16, help="concurrent clients (default 16)")
+    p.set_defaults(func=cmd_soak)
     return parser
 
 

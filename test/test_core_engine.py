@@ -173,7 +173,8 @@ def test_stop_strings_and_streaming_pieces(tiny_dir):
 
 def test_bad_activations_dropped_and_counted(tiny_dir):
     info = load_model_info(tiny_dir)
-    h = ChunkHandler(ChunkExecutor(info, 0, 3), cluster="c", hop=0)
+    h = ChunkHandler(ChunkExecutor(info, 0, 3), cluster="c", hop=0, max_payload_bytes=64 * 64 * 4)
+    h.adopt_epoch(5)
     good = HopMessage.with_tensor(torch.randn(1, 4, 64), cluster="c", epoch=5, request_id=1, step=0,
                                   first_position=0, kind=KIND_PREFILL, hop=0)
     assert h.handle(good) is not None
@@ -181,6 +182,8 @@ def test_bad_activations_dropped_and_counted(tiny_dir):
         "foreign_cluster": dict(cluster="other"),
         "wrong_hop": dict(hop=1),
         "stale_epoch": dict(epoch=4),
+        "foreign_epoch": dict(epoch=7, request_id=3),
+        "oversized": dict(request_id=4, shape=[1, 65, 64], data=bytes(65 * 64 * 4)),
         "bad_tensor": dict(dtype="float64"),
         "unknown_request": dict(request_id=99, kind=KIND_DECODE, step=1, first_position=4,
                                 shape=[1, 1, 64], data=bytes(256)),
@@ -197,7 +200,9 @@ def test_bad_activations_dropped_and_counted(tiny_dir):
     nxt = HopMessage.with_tensor(torch.randn(1, 1, 64), cluster="c", epoch=5, request_id=1, step=1,
                                  first_position=4, kind=KIND_DECODE, hop=0)
     assert h.handle(nxt) is not None
-    # a newer epoch (restarted coordinator) drops the old epoch's caches
+    assert set(h.executor.caches) == {1}             # no drop touched the live cache
+    # a new coordinator epoch (announced by its heartbeat) drops the old epoch's caches
+    assert h.adopt_epoch(6) == 1 and h.executor.num_cached == 0
     fresh = HopMessage(**{**good.__dict__, "epoch": 6, "request_id": 2})
     assert h.handle(fresh) is not None and set(h.executor.caches) == {2}
 

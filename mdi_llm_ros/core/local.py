@@ -32,6 +32,8 @@ class LocalRing:
                                        reader=TensorReader(info)),
                          cluster=cfg.namespace, hop=n.hop)
             for n in plan.chunks]
+        for handler in self.handlers:
+            handler.adopt_epoch(epoch)
         self._queue: deque[HopMessage] = deque()
         self.messages = 0
         self.wire_bytes = 0

@@ -60,7 +60,7 @@ class ChunkHandler:
         self.cluster = cluster
         self.hop = hop
         self.max_payload_bytes = max_payload_bytes
-        self.epoch = 0                  # epoch of the coordinator whose caches we hold
+        self.epoch = 0                  # epoch of the coordinator we serve (0: none seen yet)
         self.released: set[int] = set()  # recently released ids: late messages for them are stale
         self.last_drop: ActivationRejected | None = None   # for rate-limited logging by the node
         self._lock = threading.Lock()
@@ -68,6 +68,17 @@ class ChunkHandler:
     @property
     def stats(self):
         return self.executor.stats
+
+    def adopt_epoch(self, epoch: int) -> int:
+        """Follow the coordinator's epoch (announced in its heartbeat, never taken from an
+        activation, so a stray message cannot wipe live caches). A new epoch means a
+        restarted coordinator: every cache of the old one is dropped. Returns how many."""
+        with self._lock:
+            if epoch == self.epoch:
+                return 0
+            self.epoch = epoch
+            self.released.clear()
+            return self.executor.release_all()
 
     def handle(self, msg: HopMessage) -> HopMessage | None:
         """Process a message addressed to this chunk; return the next hop's message or None (dropped)."""
@@ -83,14 +94,9 @@ class ChunkHandler:
             raise ActivationRejected("foreign_cluster", f"cluster {msg.cluster!r} != {self.cluster!r}")
         if msg.hop != self.hop:
             raise ActivationRejected("wrong_hop", f"hop {msg.hop} sent to hop {self.hop}")
-        with self._lock:
-            if msg.epoch < self.epoch:
-                raise ActivationRejected("stale_epoch", f"epoch {msg.epoch} older than {self.epoch}")
-            if msg.epoch > self.epoch:
-                # A (re)started coordinator: caches of the old epoch can never be used again.
-                self.executor.release_all()
-                self.released.clear()
-                self.epoch = msg.epoch
+        if msg.epoch != self.epoch:
+            cause = "stale_epoch" if msg.epoch < self.epoch else "foreign_epoch"
+            raise ActivationRejected(cause, f"epoch {msg.epoch} is not the coordinator's epoch {self.epoch}")
         nxt = dict(cluster=msg.cluster, epoch=msg.epoch, request_id=msg.request_id, step=msg.step,
                    first_position=msg.first_position, kind=msg.kind, hop=msg.hop + 1)
         if msg.kind == KIND_RELEASE:

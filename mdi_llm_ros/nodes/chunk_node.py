@@ -19,7 +19,7 @@ from rclpy.node import Node
 from mdi_llm_ros.msg import Activation, NodeStatus
 
 from ..core.chunk import ChunkExecutor
-from ..core.plan import status_topic
+from ..core.plan import DTYPE_BYTES, status_topic
 from ..core.ring import ChunkHandler
 from .common import RING_QOS, STATUS_QOS, from_msg, load_plan, make_status, run_node, set_threads, to_msg
 
@@ -49,13 +49,16 @@ class ChunkNode(Node):
         executor = ChunkExecutor(info, n.layer_start, n.layer_end, device=n.device, dtype=plan.dtype,
                                  max_cached_requests=chunk_cfg.max_cached_requests,
                                  cache_idle_timeout_s=chunk_cfg.cache_idle_timeout_s)
-        self.handler = ChunkHandler(executor, cluster=self.cluster, hop=n.hop)
+        # The largest legal activation: a prefill of the whole context.
+        max_payload = plan.max_context * info.hidden_size * DTYPE_BYTES[plan.dtype]
+        self.handler = ChunkHandler(executor, cluster=self.cluster, hop=n.hop, max_payload_bytes=max_payload)
         self.get_logger().info(f"{name}: {executor.parameter_bytes / 1e6:.1f} MB of weights loaded in "
                                f"{time.monotonic() - t0:.1f} s; inbound {n.inbound_topic} -> {n.outbound_topic}")
         self.inbox: queue.Queue = queue.Queue()
         self.pub = self.create_publisher(Activation, n.outbound_topic, RING_QOS)
         self.status_pub = self.create_publisher(NodeStatus, status_topic(self.cluster), STATUS_QOS)
         self.create_subscription(Activation, n.inbound_topic, self.inbox.put, RING_QOS)
+        self.create_subscription(NodeStatus, status_topic(self.cluster), self.on_status, STATUS_QOS)
         self.create_timer(cfg.heartbeat_period_s, self.publish_status)
         self._stop = threading.Event()
         self._last_drop_log: dict[str, float] = {}
@@ -91,6 +94,15 @@ class ChunkNode(Node):
             self._last_drop_log[exc.cause] = now
             count = self.handler.stats.drops.get(exc.cause, 0)
             self.get_logger().warning(f"dropped activation ({exc.cause}, {count} so far): {exc.detail}")
+
+    def on_status(self, s: NodeStatus) -> None:
+        """Follow the coordinator's epoch; a new one means it restarted and old caches are void."""
+        if s.role != "coordinator" or s.cluster != self.cluster or s.epoch == self.handler.epoch:
+            return
+        dropped = self.handler.adopt_epoch(s.epoch)
+        self.get_logger().info(f"joined coordinator epoch {s.epoch}"
+                               + (f"; dropped {dropped} caches of the previous epoch" if dropped else ""))
+        self.publish_status()
 
     def publish_status(self) -> None:
         n, ex = self.plan_node, self.handler.executor

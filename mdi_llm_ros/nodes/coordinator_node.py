@@ -57,16 +57,19 @@ def error_result(code: str, message: str) -> GenerationResult:
 class ChunkLiveness:
     """Which chunk nodes have sent a ready heartbeat recently, and which restarted."""
 
-    def __init__(self, names: list[str], timeout_s: float) -> None:
+    def __init__(self, names: list[str], timeout_s: float, epoch: int) -> None:
         self.names = names
+        self.epoch = epoch
         self.timeout_s = timeout_s
         self.last_seen: dict[str, float] = {}
         self.started_at: dict[str, int] = {}
         self.status: dict[str, NodeStatus] = {}
 
     def heard(self, s: NodeStatus) -> bool:
-        """Record a heartbeat; True when this node restarted since we last heard it."""
-        if s.name not in self.names or not s.ready:
+        """Record a heartbeat; True when this node restarted since we last heard it.
+
+        Only a node that has joined our epoch counts: until then it would drop our activations."""
+        if s.name not in self.names or not s.ready or s.epoch != self.epoch:
             return False
         restarted = s.name in self.started_at and self.started_at[s.name] != s.started_at_ns
         self.started_at[s.name] = s.started_at_ns
@@ -102,7 +105,8 @@ class CoordinatorNode(Node):
             self.model, self.send, cluster=cfg.namespace, max_inflight=cfg.coordinator.max_inflight,
             queue_limit=cfg.coordinator.queue_limit, max_context=plan.max_context,
             request_timeout_s=cfg.coordinator.request_timeout_s)
-        self.liveness = ChunkLiveness([n.name for n in plan.chunks], cfg.coordinator.heartbeat_timeout_s)
+        self.liveness = ChunkLiveness([n.name for n in plan.chunks], cfg.coordinator.heartbeat_timeout_s,
+                                      self.scheduler.epoch)
         self.ready = False
         self._missing: list[str] = [n.name for n in plan.chunks]
         self._was_missing: set[str] = set()
