@@ -119,7 +119,7 @@ class ChunkNode(Node):
 
 
 def main() -> int:
-    return run_node(ChunkNode, num_threads=2)
+    return run_node(ChunkNode, num_threads=1)   # callbacks only enqueue; compute has its own thread
 
 
 if __name__ == "__main__":

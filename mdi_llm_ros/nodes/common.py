@@ -17,7 +17,7 @@ from typing import Callable
 import psutil
 import rclpy
 import torch
-from rclpy.executors import MultiThreadedExecutor
+from rclpy.executors import MultiThreadedExecutor, SingleThreadedExecutor
 from rclpy.signals import SignalHandlerOptions
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 
@@ -102,7 +102,7 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(n)
 
 
-def _spin_quietly(executor) -> None:
+def spin_quietly(executor) -> None:
     try:
         executor.spin()
     except Exception:               # the context was shut down under us
@@ -127,9 +127,12 @@ def run_node(make_node, num_threads: int | Callable[[object], int] = 2, grace_s:
     try:
         node = make_node()
         threads = num_threads(node) if callable(num_threads) else num_threads
-        executor = MultiThreadedExecutor(num_threads=threads)
+        # rclpy's MultiThreadedExecutor busy-spins while a ready entity waits for a busy
+        # mutually exclusive group, stealing the GIL from the compute thread: a node whose
+        # callbacks never block uses the single-threaded executor.
+        executor = SingleThreadedExecutor() if threads == 1 else MultiThreadedExecutor(num_threads=threads)
         executor.add_node(node)
-        spinner = threading.Thread(target=_spin_quietly, args=(executor,), name="executor", daemon=True)
+        spinner = threading.Thread(target=spin_quietly, args=(executor,), name="executor", daemon=True)
         spinner.start()
         while not stop.wait(0.5) and spinner.is_alive():
             pass

@@ -17,7 +17,8 @@ import time
 import rclpy
 from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
-from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.callback_groups import ReentrantCallbackGroup
+from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 
 from mdi_llm_ros.action import Generate as GenerateAction
@@ -28,7 +29,8 @@ from ..core.engine import CoordinatorModel, GenerateParams
 from ..core.errors import ErrorCode, RequestError
 from ..core.plan import service_name, status_topic
 from ..core.scheduler import GenerationResult, RingScheduler
-from .common import RING_QOS, STATUS_QOS, from_msg, load_plan, make_status, run_node, set_threads, to_msg
+from .common import (RING_QOS, STATUS_QOS, from_msg, load_plan, make_status, run_node, set_threads, spin_quietly,
+                     to_msg)
 
 
 def params_from(req) -> GenerateParams:
@@ -99,7 +101,11 @@ class CoordinatorNode(Node):
                                       layers=(0, c.layer_end) if c.layer_end else None)
         self.get_logger().info(f"coordinator: model parts loaded in {time.monotonic() - t0:.1f} s "
                                f"({self.model.parameter_bytes / 1e6:.1f} MB)")
-        self.ring_pub = self.create_publisher(Activation, c.outbound_topic, RING_QOS)
+        # The ring has a node and an executor of its own: ring traffic never waits behind
+        # client callbacks, and rclpy's MultiThreadedExecutor (which busy-spins while its
+        # worker threads block in service calls) never sits on the hot path.
+        self.ring_node = rclpy.create_node(f"{self.get_name()}_ring", context=self.context)
+        self.ring_pub = self.ring_node.create_publisher(Activation, c.outbound_topic, RING_QOS)
         self._send_lock = threading.Lock()
         self.scheduler = RingScheduler(
             self.model, self.send, cluster=cfg.namespace, max_inflight=cfg.coordinator.max_inflight,
@@ -112,11 +118,19 @@ class CoordinatorNode(Node):
         self._was_missing: set[str] = set()
         self.scheduler.not_ready_reason = self._not_ready_text(self._missing)
 
-        ring_group = MutuallyExclusiveCallbackGroup()
+        # Reentrant groups only: rclpy's MultiThreadedExecutor busy-spins while a ready entity
+        # waits for a busy mutually exclusive group. Ring outputs of different requests may run
+        # concurrently (the scheduler locks its state; one request has one message in flight);
+        # liveness bookkeeping takes its own lock.
         client_group = ReentrantCallbackGroup()
-        status_group = MutuallyExclusiveCallbackGroup()
-        self.create_subscription(Activation, c.inbound_topic, self.on_ring_output, RING_QOS,
-                                 callback_group=ring_group)
+        status_group = ReentrantCallbackGroup()
+        self._liveness_lock = threading.Lock()
+        self.ring_node.create_subscription(Activation, c.inbound_topic, self.on_ring_output, RING_QOS)
+        self.ring_executor = SingleThreadedExecutor(context=self.context)
+        self.ring_executor.add_node(self.ring_node)
+        self.ring_thread = threading.Thread(target=spin_quietly, args=(self.ring_executor,), name="ring",
+                                            daemon=True)
+        self.ring_thread.start()
         self.status_pub = self.create_publisher(NodeStatus, status_topic(cfg.namespace), STATUS_QOS)
         self.create_subscription(NodeStatus, status_topic(cfg.namespace), self.on_status, STATUS_QOS,
                                  callback_group=status_group)
@@ -147,9 +161,12 @@ class CoordinatorNode(Node):
     def on_status(self, s: NodeStatus) -> None:
         if s.cluster != self.cfg.namespace:
             return
-        if self.liveness.heard(s) and self.scheduler.inflight:
+        with self._liveness_lock:
+            restarted = self.liveness.heard(s)
+            if restarted and self.scheduler.inflight:
+                self._was_missing.add(s.name)
+        if restarted and self.scheduler.inflight:
             self.get_logger().warning(f"{s.name} restarted: replaying in-flight requests")
-            self._was_missing.add(s.name)
 
     @staticmethod
     def _not_ready_text(missing: list[str]) -> str:
@@ -157,6 +174,14 @@ class CoordinatorNode(Node):
                 "(mdi-llm cluster / ros2 launch) or check their logs")
 
     def check_ring(self) -> None:
+        if not self._liveness_lock.acquire(blocking=False):
+            return                              # the previous check is still running
+        try:
+            self._check_ring()
+        finally:
+            self._liveness_lock.release()
+
+    def _check_ring(self) -> None:
         missing = self.liveness.missing()
         if missing != self._missing:
             if missing:
@@ -236,6 +261,12 @@ class CoordinatorNode(Node):
         else:
             goal_handle.abort()
         return fill_result(result, r)
+
+    def destroy_node(self) -> None:
+        self.ring_executor.shutdown(timeout_sec=2.0)
+        self.ring_thread.join(timeout=5.0)
+        self.ring_node.destroy_node()
+        super().destroy_node()
 
     def stop(self) -> None:
         n = self.scheduler.fail_all(ErrorCode.SHUTTING_DOWN, "the coordinator is shutting down")

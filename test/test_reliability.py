@@ -1,0 +1,269 @@
+"""Reliability over real DDS processes: bad requests, bad activations, node loss, load, shutdown."""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from conftest import Proc, write_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.ros]
+
+CHUNKS = [{"name": "a", "layers": [0, 2]}, {"name": "b", "layers": [2, 4], "host": "robot_b"},
+          {"name": "c", "layers": [4, 6]}]
+
+
+def start(ros_env, tmp_path, cfg, *args, name="cluster", ready=True):
+    proc = Proc([sys.executable, "-m", "mdi_llm_ros.cli", "cluster", "--config", str(cfg), *args], ros_env,
+                tmp_path / f"{name}.log")
+    if ready:
+        assert proc.wait_for("ring complete", 90), proc.output()
+    return proc
+
+
+def reference(tiny_dir, prompt, n):
+    """What an uninterrupted in-process ring of the same model generates (greedy)."""
+    from mdi_llm_ros.core.config import parse_config
+    from mdi_llm_ros.core.engine import GenerateParams
+    from mdi_llm_ros.core.local import LocalRing
+    from mdi_llm_ros.core.models import load_model_info
+    from mdi_llm_ros.core.plan import make_plan
+    info = load_model_info(tiny_dir)
+    ring = LocalRing(make_plan(parse_config({"model": {"name": str(tiny_dir)}, "chunks": [{"name": "x"}]}), info),
+                     info)
+    return ring.generate(GenerateParams(prompt, max_new_tokens=n)).text
+
+
+def statuses(node, namespace="", wait_s=1.5):
+    from mdi_llm_ros.soak import StatusWatch
+    watch = StatusWatch(node, namespace)
+    return watch.fresh(wait_s)
+
+
+BAD_REQUESTS = [
+    (dict(prompt=""), "EMPTY_PROMPT"),
+    (dict(prompt="   \n "), "EMPTY_PROMPT"),
+    (dict(prompt="robot " * 700), "PROMPT_TOO_LONG"),
+    (dict(prompt="hi", max_new_tokens=0), "INVALID_MAX_NEW_TOKENS"),
+    (dict(prompt="hi", max_new_tokens=100000), "INVALID_MAX_NEW_TOKENS"),
+    (dict(prompt="hi", temperature=-1.0), "INVALID_TEMPERATURE"),
+    (dict(prompt="hi", temperature=math.nan), "INVALID_TEMPERATURE"),
+    (dict(prompt="hi", temperature=math.inf), "INVALID_TEMPERATURE"),
+    (dict(prompt="hi", top_p=0.0), "INVALID_TOP_P"),
+    (dict(prompt="hi", top_p=1.5), "INVALID_TOP_P"),
+    (dict(prompt="hi", top_p=math.nan), "INVALID_TOP_P"),
+    (dict(prompt="hi", top_k=-3), "INVALID_TOP_K"),
+    (dict(prompt="hi", seed=-2), "INVALID_SEED"),
+    (dict(prompt="hi", stop=tuple(f"s{i}" for i in range(9))), "INVALID_STOP"),
+    (dict(prompt="hi", stop=("x" * 65,)), "INVALID_STOP"),
+    (dict(prompt="hi", stop=("",)), "INVALID_STOP"),
+    (dict(prompt="bell \x07 character"), "INVALID_TEXT"),
+    (dict(prompt="broken \ufffd bytes"), "INVALID_TEXT"),
+]
+
+
+def test_bad_requests_answered_while_a_valid_one_completes(ros_env, tmp_path, tiny_dir, ros_node):
+    from mdi_llm_ros.client import GenerateClient
+    cfg = write_config(tmp_path / "c.yaml", tiny_dir, [{"name": "a"}, {"name": "b"}],
+                       coordinator={"max_inflight": 2, "queue_limit": 1})
+    proc = start(ros_env, tmp_path, cfg)
+    try:
+        client = GenerateClient(ros_node)
+        assert client.wait_for_service(30)
+        valid = {}
+        t = threading.Thread(target=lambda: valid.update(r=client.generate("The robot", max_new_tokens=150)))
+        t.start()
+        for params, code in BAD_REQUESTS:
+            p = dict(params)
+            r = client.generate(p.pop("prompt"), timeout_s=30, **p)
+            assert (r.success, r.error_code) == (False, code), (params, r)
+            assert r.error_message and r.finish_reason == "error"
+        # BUSY: two long requests fill max_inflight=2 and queue_limit=1 with the valid one
+        longs = [threading.Thread(target=client.generate, args=("Long story",), kwargs=dict(max_new_tokens=300))
+                 for _ in range(2)]
+        for lt in longs:
+            lt.start()
+        deadline = time.monotonic() + 20
+        busy = None
+        while time.monotonic() < deadline:
+            r = client.generate("one more", max_new_tokens=4, timeout_s=30)
+            if r.error_code == "BUSY":
+                busy = r
+                break
+        assert busy is not None and "queue_limit" in busy.error_message
+        t.join(120)
+        for lt in longs:
+            lt.join(120)
+        assert valid["r"].success and valid["r"].text == reference(tiny_dir, "The robot", 150)
+    finally:
+        assert proc.stop() == 0, proc.output()[-2000:]
+
+
+def test_not_ready_names_the_missing_node(ros_env, tmp_path, tiny_dir, ros_node):
+    from mdi_llm_ros.client import GenerateClient
+    cfg = write_config(tmp_path / "c.yaml", tiny_dir, CHUNKS)
+    proc = start(ros_env, tmp_path, cfg, "--host", "localhost", ready=False)
+    try:
+        assert proc.wait_for("chunk nodes missing: b", 60) or proc.wait_for("waiting for chunk nodes", 60)
+        client = GenerateClient(ros_node)
+        assert client.wait_for_service(30)
+        time.sleep(2)
+        r = client.generate("hello", max_new_tokens=4, timeout_s=30)
+        assert r.error_code == "NOT_READY" and "b" in r.error_message.split("from", 1)[1], r
+        items = list(client.stream("hello", max_new_tokens=4, timeout_s=30))
+        assert len(items) == 1 and not items[0].success and "rejected" in items[0].error_message
+    finally:
+        assert proc.stop() == 0
+
+
+def test_malformed_activations_are_dropped_and_counted(ros_env, tmp_path, tiny_dir, ros_node):
+    import torch
+
+    from mdi_llm_ros.client import GenerateClient
+    from mdi_llm_ros.core.ring import KIND_DECODE, HopMessage
+    from mdi_llm_ros.msg import Activation
+    from mdi_llm_ros.nodes.common import RING_QOS, to_msg
+    cfg = write_config(tmp_path / "c.yaml", tiny_dir, [{"name": "a"}, {"name": "b"}, {"name": "c"}])
+    proc = start(ros_env, tmp_path, cfg)
+    try:
+        client = GenerateClient(ros_node)
+        assert client.wait_for_service(30)
+        first = client.generate("The robot", max_new_tokens=20)          # request 1, then released
+        assert first.success
+        epoch = statuses(ros_node)["coordinator"].epoch
+        pubs = [ros_node.create_publisher(Activation, f"/mdi/ring/hop_{h}", RING_QOS) for h in range(3)]
+        time.sleep(1.0)
+        good = dict(cluster="", epoch=epoch, request_id=10**6, step=1, first_position=5, kind=KIND_DECODE)
+        vec = torch.randn(1, 1, 64)
+        variants = [
+            dict(cluster="other_cluster"), dict(epoch=epoch + 1), dict(epoch=epoch - 1), dict(kind=7),
+            dict(dtype="float64"), dict(shape=[1, 2, 64]), dict(request_id=1),            # released request
+            dict(), dict(step=0, kind=0, first_position=3),                               # prefill at position 3
+            dict(shape=[1, 513, 64], data=bytes(513 * 64 * 4)),                           # oversized
+        ]
+        injected = 0
+        results = {}
+        t = threading.Thread(target=lambda: results.update(
+            r=[client.generate(p, max_new_tokens=40) for p in ("The robot", "Map the room")]))
+        t.start()
+        for i in range(220):
+            hop = i % 3
+            v = variants[i % len(variants)]
+            msg = HopMessage.with_tensor(vec, hop=hop, **good)
+            for k, val in v.items():
+                setattr(msg, k, val)
+            pubs[hop].publish(to_msg(msg))
+            injected += 1
+            time.sleep(0.005)
+        t.join(120)
+        assert [r.text for r in results["r"]] == [reference(tiny_dir, p, 40) for p in ("The robot", "Map the room")]
+        time.sleep(1.0)
+        st = statuses(ros_node)
+        assert {"a", "b", "c"} <= set(st)
+        dropped = sum(st[n].messages_dropped for n in "abc")
+        assert dropped == injected, {n: dict(zip(st[n].drop_causes, st[n].drop_counts)) for n in "abc"}
+        causes = set().union(*(st[n].drop_causes for n in "abc"))
+        assert {"foreign_cluster", "foreign_epoch", "stale_epoch", "bad_kind", "bad_tensor",
+                "released_request", "unknown_request", "oversized"} <= causes
+        assert proc.output().count("dropped activation (foreign_cluster") <= 3     # rate-limited log
+        assert all(st[n].requests_cached == 0 for n in "abc")
+    finally:
+        assert proc.stop() == 0, proc.output()[-2000:]
+
+
+def _kill_b_during_requests(ros_env, tmp_path, tiny_dir, ros_node, respawn: bool):
+    from mdi_llm_ros.client import GenerateClient, StreamPiece
+    cfg = write_config(tmp_path / "c.yaml", tiny_dir, CHUNKS,
+                       coordinator={"request_timeout_s": 12, "heartbeat_timeout_s": 1.0})
+    main = start(ros_env, tmp_path, cfg, "--host", "localhost", name="main", ready=False)
+    robot_b = start(ros_env, tmp_path, cfg, "--host", "robot_b", *(["--respawn"] if respawn else []),
+                    name="robot_b", ready=False)
+    try:
+        assert main.wait_for("ring complete", 90), main.output()
+        client = GenerateClient(ros_node)
+        assert client.wait_for_service(30)
+        prompts = ["The robot", "Map the room", "Battery low, return to", "Once upon a time"]
+        progress = [0] * 4
+        results: list = [None] * 4
+
+        def run(i):
+            for item in client.stream(prompts[i], max_new_tokens=300, timeout_s=120):
+                if isinstance(item, StreamPiece):
+                    progress[i] += 1
+                else:
+                    results[i] = item
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        while min(progress) < 3:
+            time.sleep(0.01)
+        b_pid = int(robot_b.output().split("b (pid ")[1].split(")")[0])
+        killed_at = time.monotonic()
+        os.kill(b_pid, signal.SIGKILL)
+        for t in threads:
+            t.join(120)
+        return prompts, results, time.monotonic() - killed_at, main, robot_b
+    finally:
+        main.stop()
+        robot_b.stop()
+
+
+def test_killed_chunk_node_restarted_requests_continue(ros_env, tmp_path, tiny_dir, ros_node):
+    prompts, results, _, main, robot_b = _kill_b_during_requests(ros_env, tmp_path, tiny_dir, ros_node, True)
+    assert "respawning" in robot_b.output()
+    assert "replayed the history of" in main.output(), main.output()[-3000:]
+    for p, r in zip(prompts, results):
+        assert r is not None and r.success, r
+        assert r.text == reference(tiny_dir, p, 300)
+
+
+def test_killed_chunk_node_not_restarted_requests_fail_node_lost(ros_env, tmp_path, tiny_dir, ros_node):
+    prompts, results, waited, main, robot_b = _kill_b_during_requests(ros_env, tmp_path, tiny_dir, ros_node, False)
+    assert all(r is not None and r.error_code == "NODE_LOST" and "b" in r.error_message for r in results), results
+    assert waited < 12 + 5                                          # within request_timeout_s (+ poll slack)
+
+
+def test_soak_accounting_and_memory(ros_env, tmp_path, tiny_dir):
+    cfg = write_config(tmp_path / "c.yaml", tiny_dir, [{"name": "a"}, {"name": "b"}, {"name": "c"}],
+                       coordinator={"max_inflight": 8, "queue_limit": 16})
+    seconds = os.environ.get("MDI_SOAK_SECONDS", "20")             # full length: MDI_SOAK_SECONDS=180
+    r = subprocess.run([sys.executable, "-m", "mdi_llm_ros.cli", "soak", "--config", str(cfg), "--duration",
+                        seconds, "--clients", "16"], env=ros_env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    assert "all checks passed" in r.stdout
+    assert "cancelled:cancelled" in r.stdout and "invalid:" in r.stdout and "long:ok" in r.stdout
+
+
+def test_sigterm_answers_waiting_clients_and_leaves_nothing(ros_env, tmp_path, tiny_dir, ros_node):
+    from mdi_llm_ros.client import GenerateClient
+    from mdi_llm_ros.launcher import fastdds_segments
+    before = fastdds_segments()
+    cfg = write_config(tmp_path / "c.yaml", tiny_dir, [{"name": "a"}, {"name": "b"}])
+    proc = start(ros_env, tmp_path, cfg)
+    client = GenerateClient(ros_node)
+    assert client.wait_for_service(30)
+    out = {}
+    t = threading.Thread(target=lambda: out.update(r=client.generate("Tell a story", max_new_tokens=480,
+                                                                       timeout_s=60)))
+    t.start()
+    time.sleep(1.0)
+    os.killpg(proc.p.pid, signal.SIGTERM)
+    proc.p.wait(30)
+    t.join(30)
+    assert out["r"].error_code == "SHUTTING_DOWN", out
+    assert proc.p.returncode == 0, proc.output()[-2000:]
+    assert "coordinator exit 0" in proc.output() and "a exit 0" in proc.output()
+    left = subprocess.run(["pgrep", "-f", str(cfg)], capture_output=True, text=True).stdout.strip()
+    assert left == "", left
+    from mdi_llm_ros.launcher import _mapped_shm_files
+    leaked = [s for s in fastdds_segments() - before
+              if s not in _mapped_shm_files() and s.removeprefix("sem.") not in _mapped_shm_files()]
+    assert not leaked, leaked
+    proc.stop()
