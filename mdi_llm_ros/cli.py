@@ -133,6 +133,17 @@ def cmd_soak(args) -> int:
     return soak_cluster(_load(args), duration_s=args.duration, clients=args.clients)
 
 
+def cmd_bench(args) -> int:
+    from .bench import run_bench
+
+    def ints(text):
+        return [int(x) for x in text.split(",")] if text else None
+    res = run_bench(quick=args.quick, pin=args.pin, threads=args.threads, model=args.model,
+                    out_dir=Path(args.out), ks=ints(args.k), ns=ints(args.n), tokens=args.tokens)
+    ok = all(s["ok"] for ring in res["rings"] for s in ring["scenarios"])
+    return 0 if ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mdi-llm", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -175,6 +186,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=180.0, help="seconds of traffic (default 180)")
     p.add_argument("--clients", type=int, default=16, help="concurrent clients (default 16)")
     p.set_defaults(func=cmd_soak)
+
+    p = sub.add_parser("bench", help="benchmark the ring against plain transformers (tokens/s, TTFT, memory)")
+    p.add_argument("--quick", action="store_true", help="K=1,3 and N=1,4 with 24 tokens (a few minutes)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="prepared model name or local folder")
+    p.add_argument("--k", help="comma-separated chunk-node counts (default 1,2,3)")
+    p.add_argument("--n", help="comma-separated concurrent request counts (default 1,2,4,8,16)")
+    p.add_argument("--tokens", type=int, help="new tokens per request (default 64; quick 24)")
+    p.add_argument("--pin", action="store_true", help="pin node i to core i mod cores")
+    p.add_argument("--threads", type=int, help="torch threads per node (default: cores / nodes)")
+    p.add_argument("--out", default="bench/results", help="where results go (default bench/results)")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

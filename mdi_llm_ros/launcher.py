@@ -107,8 +107,11 @@ class Cluster:
     """Node processes of one host, supervised."""
 
     def __init__(self, specs: list[NodeSpec], *, respawn: bool = False, env: dict | None = None,
-                 out=sys.stderr, python: str = sys.executable) -> None:
+                 out=sys.stderr, python: str = sys.executable, pin_cores: bool = False) -> None:
         self.specs = {s.name: s for s in specs}
+        # pin_cores: node i runs on core i mod cores, so K nodes emulate K devices honestly.
+        cores = sorted(os.sched_getaffinity(0))
+        self.affinity = {name: {cores[i % len(cores)]} for i, name in enumerate(self.specs)} if pin_cores else {}
         self.respawn = respawn
         self.env = dict(os.environ if env is None else env)
         self.env.setdefault("PYTHONUNBUFFERED", "1")
@@ -136,8 +139,10 @@ class Cluster:
 
     def start_node(self, name: str) -> subprocess.Popen:
         spec = self.specs[name]
+        cores = self.affinity.get(name)
         proc = subprocess.Popen(spec.command(self.python), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, errors="replace", env=self.env, start_new_session=True)
+                                text=True, errors="replace", env=self.env, start_new_session=True,
+                                preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None)
         self.procs[name] = proc
         threading.Thread(target=self._pump, args=(name, proc), daemon=True).start()
         return proc
@@ -146,6 +151,19 @@ class Cluster:
         for name in self.specs:
             self.start_node(name)
         self._log("launcher", f"started {', '.join(f'{n} (pid {p.pid})' for n, p in self.procs.items())}")
+
+    def peak_rss(self) -> dict[str, int]:
+        """Peak resident memory (VmHWM) of every running node process, in bytes."""
+        peaks = {}
+        for name, proc in self.procs.items():
+            try:
+                with open(f"/proc/{proc.pid}/status") as f:
+                    for line in f:
+                        if line.startswith("VmHWM:"):
+                            peaks[name] = int(line.split()[1]) * 1024
+            except OSError:
+                pass
+        return peaks
 
     def supervise_once(self) -> str | None:
         """Check the children; restart or report a dead one. Returns the name of a fatal death."""

@@ -77,30 +77,29 @@ def test_bad_requests_answered_while_a_valid_one_completes(ros_env, tmp_path, ti
         client = GenerateClient(ros_node)
         assert client.wait_for_service(30)
         valid = {}
-        t = threading.Thread(target=lambda: valid.update(r=client.generate("The robot", max_new_tokens=150)))
+        t = threading.Thread(target=lambda: valid.update(r=client.generate("The robot", max_new_tokens=400)))
         t.start()
         for params, code in BAD_REQUESTS:
             p = dict(params)
             r = client.generate(p.pop("prompt"), timeout_s=30, **p)
             assert (r.success, r.error_code) == (False, code), (params, r)
             assert r.error_message and r.finish_reason == "error"
-        # BUSY: two long requests fill max_inflight=2 and queue_limit=1 with the valid one
-        longs = [threading.Thread(target=client.generate, args=("Long story",), kwargs=dict(max_new_tokens=300))
-                 for _ in range(2)]
-        for lt in longs:
-            lt.start()
-        deadline = time.monotonic() + 20
-        busy = None
+        # BUSY: long fillers take both max_inflight slots and the one queue place
+        fillers = [threading.Thread(target=client.generate, args=(f"Long story {i}",),
+                                    kwargs=dict(max_new_tokens=480)) for i in range(3)]
+        for f in fillers:
+            f.start()
+        deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            r = client.generate("one more", max_new_tokens=4, timeout_s=30)
-            if r.error_code == "BUSY":
-                busy = r
+            coord = statuses(ros_node, wait_s=0.3).get("coordinator")
+            if coord is not None and coord.requests_cached == 2 and coord.queue_depth == 1:
                 break
-        assert busy is not None and "queue_limit" in busy.error_message
+        busy = client.generate("one more", max_new_tokens=4, timeout_s=30)
+        assert busy.error_code == "BUSY" and "queue_limit" in busy.error_message, busy
         t.join(120)
-        for lt in longs:
-            lt.join(120)
-        assert valid["r"].success and valid["r"].text == reference(tiny_dir, "The robot", 150)
+        for f in fillers:
+            f.join(120)
+        assert valid["r"].success and valid["r"].text == reference(tiny_dir, "The robot", 400)
     finally:
         assert proc.stop() == 0, proc.output()[-2000:]
 

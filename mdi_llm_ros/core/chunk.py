@@ -67,6 +67,8 @@ class RequestKVCache:
 @dataclass
 class ChunkStats:
     tokens_processed: int = 0
+    bytes_received: int = 0
+    busy_seconds: float = 0.0
     drops: dict[str, int] = field(default_factory=dict)
 
     def drop(self, cause: str) -> None:

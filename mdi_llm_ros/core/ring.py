@@ -9,6 +9,7 @@ it and count why.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -82,12 +83,17 @@ class ChunkHandler:
 
     def handle(self, msg: HopMessage) -> HopMessage | None:
         """Process a message addressed to this chunk; return the next hop's message or None (dropped)."""
+        stats = self.executor.stats
+        stats.bytes_received += msg.nbytes
+        t0 = time.perf_counter()
         try:
             return self._handle(msg)
         except ActivationRejected as exc:
-            self.executor.stats.drop(exc.cause)
+            stats.drop(exc.cause)
             self.last_drop = exc
             return None
+        finally:
+            stats.busy_seconds += time.perf_counter() - t0
 
     def _handle(self, msg: HopMessage) -> HopMessage | None:
         if msg.cluster != self.cluster:

@@ -110,7 +110,8 @@ class ChunkNode(Node):
             self, name=n.name, cluster=self.cluster, role="chunk", host=n.host, device=n.device,
             layers=(n.layer_start, n.layer_end), epoch=self.handler.epoch, ready=True,
             cached=ex.num_cached, queue=self.inbox.qsize(), tokens=ex.stats.tokens_processed,
-            drops=dict(ex.stats.drops)))
+            drops=dict(ex.stats.drops), bytes_received=ex.stats.bytes_received,
+            busy_seconds=ex.stats.busy_seconds))
 
     def stop(self) -> None:
         self._stop.set()

@@ -70,7 +70,7 @@ def rss_bytes() -> int:
 
 def make_status(node, *, name: str, cluster: str, role: str, host: str, device: str, layers: tuple[int, int],
                 epoch: int, ready: bool, cached: int, queue: int, tokens: int, drops: dict[str, int],
-                missing: list[str] = ()) -> NodeStatus:
+                missing: list[str] = (), bytes_received: int = 0, busy_seconds: float = 0.0) -> NodeStatus:
     s = NodeStatus()
     s.stamp = node.get_clock().now().to_msg()
     s.name, s.cluster, s.role, s.host, s.device = name, cluster, role, host, device
@@ -82,6 +82,8 @@ def make_status(node, *, name: str, cluster: str, role: str, host: str, device: 
     s.queue_depth = queue
     s.resident_memory_bytes = rss_bytes()
     s.tokens_processed = tokens
+    s.bytes_received = int(bytes_received)
+    s.busy_seconds = float(busy_seconds)
     s.messages_dropped = sum(drops.values())
     s.drop_causes = list(drops)
     s.drop_counts = [int(v) for v in drops.values()]

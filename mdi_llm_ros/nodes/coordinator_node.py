@@ -106,6 +106,8 @@ class CoordinatorNode(Node):
         # worker threads block in service calls) never sits on the hot path.
         self.ring_node = rclpy.create_node(f"{self.get_name()}_ring", context=self.context)
         self.ring_pub = self.ring_node.create_publisher(Activation, c.outbound_topic, RING_QOS)
+        self.bytes_received = 0
+        self.busy_seconds = 0.0
         self._send_lock = threading.Lock()
         self.scheduler = RingScheduler(
             self.model, self.send, cluster=cfg.namespace, max_inflight=cfg.coordinator.max_inflight,
@@ -152,10 +154,15 @@ class CoordinatorNode(Node):
             self.ring_pub.publish(to_msg(msg))
 
     def on_ring_output(self, msg: Activation) -> None:
+        t0 = time.perf_counter()
+        hop = from_msg(msg)
+        self.bytes_received += hop.nbytes
         try:
-            self.scheduler.on_ring_output(from_msg(msg))
+            self.scheduler.on_ring_output(hop)
         except Exception as exc:   # a malformed message must not stop the coordinator
             self.get_logger().error(f"ring output of request {msg.request_id} dropped: {exc}")
+        finally:
+            self.busy_seconds += time.perf_counter() - t0
 
     # --- liveness ---------------------------------------------------------------------
     def on_status(self, s: NodeStatus) -> None:
@@ -208,7 +215,7 @@ class CoordinatorNode(Node):
             layers=(0, c.layer_end), epoch=self.scheduler.epoch, ready=self.ready,
             cached=self.scheduler.inflight, queue=self.scheduler.queued,
             tokens=self.scheduler.tokens_generated, drops={"stale_output": self.scheduler.stale_outputs},
-            missing=self._missing))
+            missing=self._missing, bytes_received=self.bytes_received, busy_seconds=self.busy_seconds))
 
     # --- clients ------------------------------------------------------------------------
     def _wait(self, handle, is_cancelled=lambda: False) -> GenerationResult:
