@@ -17,7 +17,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -104,14 +103,8 @@ def run_ring(model: str, k: int, ns: list[int], tokens: int, *, pin: bool, threa
     if threads:
         env["MDI_TORCH_THREADS"] = str(threads)
 
-    class Sink:
-        def write(self, s):
-            pass
-
-        def flush(self):
-            pass
-
-    cluster = Cluster(node_specs(cfg_path), out=Sink(), env=env, pin_cores=pin)
+    log = open(workdir / f"ring_k{k}.log", "w")          # the nodes' logs, for a failed run
+    cluster = Cluster(node_specs(cfg_path), out=log, env=env, pin_cores=pin)
     cluster.start()
     context = rclpy.Context()
     rclpy.init(context=context)
@@ -167,6 +160,7 @@ def run_ring(model: str, k: int, ns: list[int], tokens: int, *, pin: bool, threa
         spin.close()
         rclpy.try_shutdown(context=context)
         cluster.stop()
+        log.close()
     return {"k": k, "scenarios": scenarios, "peak_rss": peaks}
 
 
@@ -256,13 +250,13 @@ def run_bench(*, quick: bool, pin: bool, threads: int | None, model: str, out_di
     for n in sorted(set(ns) - {1}) or [1]:
         res["baselines"].append(run_baseline("batched", model_dir, n, tokens, cores))
         _log(f"batched N={n}: {res['baselines'][-1]['tokens_per_s']:.1f} tokens/s")
-    with tempfile.TemporaryDirectory() as tmp:
-        for k in ks:
-            _log(f"ring with K={k} chunk nodes, N in {ns}")
-            res["rings"].append(run_ring(model, k, ns, tokens, pin=pin, threads=threads, references=references,
-                                         workdir=Path(tmp)))
-    out_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    logs = out_dir / f"{stamp}-logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    for k in ks:
+        _log(f"ring with K={k} chunk nodes, N in {ns} (node logs: {logs})")
+        res["rings"].append(run_ring(model, k, ns, tokens, pin=pin, threads=threads, references=references,
+                                     workdir=logs))
     (out_dir / f"{stamp}.json").write_text(json.dumps(res, indent=1))
     table = markdown(res)
     (out_dir / f"{stamp}.md").write_text(table + "\n")

@@ -78,6 +78,10 @@ class GenerateClient:
     def generate(self, prompt: str | GenerateParams, timeout_s: float = 300.0, **kwargs) -> GenerationResult:
         """Call /generate; never waits longer than timeout_s."""
         params = prompt if isinstance(prompt, GenerateParams) else GenerateParams(prompt=prompt, **kwargs)
+        # A request sent before this client has matched the service's endpoints is lost
+        # (DDS delivers nothing to readers it has not discovered yet): wait for them first.
+        if not self._srv.wait_for_service(timeout_sec=min(timeout_s, 30.0)):
+            return _failure(ErrorCode.NOT_READY, f"no {self.service} on this ROS domain; is the cluster running?")
         future = self._srv.call_async(fill_request(Generate.Request(), params))
         if not _wait_future(future, timeout_s):
             self._srv.remove_pending_request(future)
@@ -101,6 +105,9 @@ class GenerateClient:
                 arrived.notify_all()
 
         deadline = time.monotonic() + timeout_s
+        if not self._act.wait_for_server(timeout_sec=min(timeout_s, 30.0)):
+            yield _failure(ErrorCode.NOT_READY, f"no {self.action} on this ROS domain; is the cluster running?")
+            return
         send = self._act.send_goal_async(goal, feedback_callback=on_feedback)
         if not _wait_future(send, timeout_s):
             yield _failure(ErrorCode.TIMEOUT, f"{self.action} did not answer the goal in {timeout_s:.0f} s")
@@ -161,9 +168,16 @@ class BackgroundSpin:
 
 
 def _wait_future(future, timeout_s: float) -> bool:
+    """Wait for an rclpy future completed by the spin thread. Its done-callback may never run
+    when the future completed before the callback was added, so the future itself is polled too."""
     done = threading.Event()
     future.add_done_callback(lambda _: done.set())
-    return done.wait(timeout_s) or future.done()
+    deadline = time.monotonic() + timeout_s
+    while not future.done():
+        if time.monotonic() > deadline:
+            return False
+        done.wait(0.05)
+    return True
 
 
 def run_cli_client(cfg, params: GenerateParams, *, stream: bool, wait_s: float) -> int:

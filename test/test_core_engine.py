@@ -217,3 +217,24 @@ def test_cache_limit_and_idle_eviction(tiny_dir):
         ex.forward(3, 0, 0, torch.randn(1, 3, 64))
     import time
     assert ex.evict_idle(time.monotonic() + 11) == [1, 2] and ex.num_cached == 0
+
+
+def test_micro_batched_decode_matches_one_by_one(tiny_dir):
+    """Several requests' decode steps in one forward equal running them one at a time."""
+    info = load_model_info(tiny_dir)
+    one, many = ChunkExecutor(info, 0, 6), ChunkExecutor(info, 0, 6)
+    gen = torch.Generator().manual_seed(3)
+    lengths = [5, 9, 2, 7]
+    for rid, n in enumerate(lengths):
+        prompt = torch.randn(1, n, 64, generator=gen)
+        torch.testing.assert_close(one.forward(rid, 0, 0, prompt), many.forward(rid, 0, 0, prompt))
+    for step in range(1, 6):
+        items = [(rid, step, n + step - 1, torch.randn(1, 1, 64, generator=gen)) for rid, n in enumerate(lengths)]
+        batched = many.forward_decode_batch(items)
+        for (rid, st, pos, h), b in zip(items, batched):
+            torch.testing.assert_close(b, one.forward(rid, st, pos, h), rtol=1e-4, atol=1e-4)
+    # a bad item is rejected alone
+    from mdi_llm_ros.core.errors import ActivationRejected
+    res = many.forward_decode_batch([(0, 6, lengths[0] + 5, torch.randn(1, 1, 64)), (99, 1, 3, torch.randn(1, 1, 64))])
+    assert isinstance(res[1], ActivationRejected) and res[1].cause == "unknown_request"
+    assert isinstance(res[0], torch.Tensor) and many.caches[0].length == lengths[0] + 6

@@ -64,6 +64,33 @@ class RequestKVCache:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
 
 
+class BatchedCacheView:
+    """Presents several requests' caches as one batch to HF attention (micro-batched decode).
+
+    Each request appends its own new key/value to its own cache; attention sees them padded
+    to the longest one, and the mask built by `mask()` hides the padding.
+    """
+
+    def __init__(self, caches: list[RequestKVCache]) -> None:
+        self.caches = caches
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        # key_states: (batch, kv_heads, 1, head_dim)
+        parts = [c.update(key_states[b:b + 1], value_states[b:b + 1], layer_idx) for b, c in enumerate(self.caches)]
+        longest = max(k.shape[-2] for k, _ in parts)
+        keys = key_states.new_zeros((len(parts), key_states.shape[1], longest, key_states.shape[-1]))
+        values = torch.zeros_like(keys)
+        for b, (k, v) in enumerate(parts):
+            keys[b, :, :k.shape[-2]] = k[0]
+            values[b, :, :v.shape[-2]] = v[0]
+        return keys, values
+
+    def mask(self, device) -> torch.Tensor:
+        """(batch, 1, 1, longest) bool: True where a request has a cached (or its new) position."""
+        lengths = torch.tensor([c.length + 1 for c in self.caches], device=device)   # + the new token
+        return (torch.arange(int(lengths.max()), device=device)[None, :] < lengths[:, None])[:, None, None, :]
+
+
 @dataclass
 class ChunkStats:
     tokens_processed: int = 0
@@ -127,6 +154,49 @@ class ChunkExecutor:
         prefill = step == 0 if prefill is None else prefill
         with self._lock:
             cache = self._cache_for(request_id, step, position, hidden, prefill)
+        return self._run(cache, hidden, position, step)
+
+    @torch.inference_mode()
+    def forward_decode_batch(self, items: list[tuple[int, int, int, torch.Tensor]]) -> list[torch.Tensor | Exception]:
+        """Micro-batched decode: several requests' single-token steps in one forward.
+
+        items: (request_id, step, position, hidden (1, 1, hidden_size)) of distinct requests.
+        Weights are read once for the whole batch. Returns one output (1, 1, hidden) or the
+        ActivationRejected of each item; a rejected item does not affect the others.
+        """
+        out: list[torch.Tensor | Exception] = [None] * len(items)  # type: ignore[list-item]
+        good, caches = [], []
+        with self._lock:
+            for i, (rid, step, position, hidden) in enumerate(items):
+                try:
+                    caches.append(self._cache_for(rid, step, position, hidden, False))
+                    good.append(i)
+                except ActivationRejected as exc:
+                    out[i] = exc
+        if not good:
+            return out
+        if len(good) == 1:
+            i = good[0]
+            rid, step, position, hidden = items[i]
+            out[i] = self._run(caches[0], hidden, position, step)
+            return out
+        x = torch.cat([items[i][3] for i in good]).to(device=self.device, dtype=self.dtype)   # (batch, 1, hidden)
+        position_ids = torch.tensor([[items[i][2]] for i in good], device=self.device)        # (batch, 1)
+        view = BatchedCacheView(caches)
+        mask = view.mask(self.device)                                                          # (batch, 1, 1, L)
+        position_embeddings = self.rotary(x, position_ids)
+        for layer in self.layers:
+            x = layer(x, attention_mask=mask, position_ids=position_ids, cache=view,
+                      use_cache=True, position_embeddings=position_embeddings)
+        now = time.monotonic()
+        for row, (i, cache) in enumerate(zip(good, caches)):
+            cache.last_step = items[i][1]
+            cache.last_used = now
+            out[i] = x[row:row + 1]
+        self.stats.tokens_processed += len(good)
+        return out
+
+    def _run(self, cache: RequestKVCache, hidden: torch.Tensor, position: int, step: int) -> torch.Tensor:
         x = hidden.to(device=self.device, dtype=self.dtype)  # (1, seq, hidden)
         seq = x.shape[1]
         position_ids = torch.arange(position, position + seq, device=self.device).unsqueeze(0)  # (1, seq)

@@ -135,11 +135,21 @@ class CoordinatorModel:
         return self.embed(ids)
 
     @torch.inference_mode()
+    def embed_tokens_batch(self, token_ids: list[int]) -> torch.Tensor:
+        """One new token per request -> (batch, 1, hidden)."""
+        ids = torch.tensor(token_ids, dtype=torch.long, device=self.device).unsqueeze(1)   # (batch, 1)
+        return self.embed(ids)
+
+    @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(1, seq, hidden) ring output -> (vocab,) float32 logits of the last position."""
-        last = hidden[:, -1:, :].to(device=self.device, dtype=self.dtype)   # (1, 1, hidden)
-        x = self.norm(last)
-        return torch.nn.functional.linear(x, self.head_weight)[0, -1].float()  # (vocab,)
+        return self.logits_batch(hidden[:, -1:, :])[0]
+
+    @torch.inference_mode()
+    def logits_batch(self, last: torch.Tensor) -> torch.Tensor:
+        """(batch, 1, hidden) last positions -> (batch, vocab) float32 logits."""
+        x = self.norm(last.to(device=self.device, dtype=self.dtype))
+        return torch.nn.functional.linear(x, self.head_weight)[:, -1].float()
 
 
 class IncrementalDetokenizer:

@@ -83,19 +83,63 @@ class ChunkHandler:
 
     def handle(self, msg: HopMessage) -> HopMessage | None:
         """Process a message addressed to this chunk; return the next hop's message or None (dropped)."""
-        stats = self.executor.stats
-        stats.bytes_received += msg.nbytes
-        t0 = time.perf_counter()
-        try:
-            return self._handle(msg)
-        except ActivationRejected as exc:
-            stats.drop(exc.cause)
-            self.last_drop = exc
-            return None
-        finally:
-            stats.busy_seconds += time.perf_counter() - t0
+        return self.handle_many([msg])[0]
 
-    def _handle(self, msg: HopMessage) -> HopMessage | None:
+    def handle_many(self, msgs: list[HopMessage]) -> list[HopMessage | None]:
+        """Process messages in arrival order; consecutive decode steps of distinct requests run
+        as one micro-batch (weights read once for all of them). Never raises on bad input."""
+        stats = self.executor.stats
+        t0 = time.perf_counter()
+        out: list[HopMessage | None] = [None] * len(msgs)
+        batch: list[tuple[int, HopMessage, torch.Tensor]] = []
+
+        def flush() -> None:
+            results = self.executor.forward_decode_batch(
+                [(m.request_id, m.step, m.first_position, h) for _, m, h in batch])
+            for (i, m, _), r in zip(batch, results):
+                if isinstance(r, ActivationRejected):
+                    self._drop(r)
+                else:
+                    out[i] = HopMessage.with_tensor(r, **self._next_fields(m))
+            batch.clear()
+
+        for i, msg in enumerate(msgs):
+            stats.bytes_received += msg.nbytes
+            try:
+                hidden = self._check(msg)
+                if msg.kind == KIND_DECODE:
+                    if any(m.request_id == msg.request_id for _, m, _ in batch):
+                        flush()
+                    batch.append((i, msg, hidden))
+                    continue
+                if batch:
+                    flush()
+                if msg.kind == KIND_RELEASE:
+                    self.executor.release(msg.request_id)
+                    self._remember_released(msg.request_id)
+                    out[i] = HopMessage(**self._next_fields(msg))
+                else:
+                    self.released.discard(msg.request_id)
+                    result = self.executor.forward(msg.request_id, msg.step, msg.first_position, hidden, prefill=True)
+                    out[i] = HopMessage.with_tensor(result, **self._next_fields(msg))
+            except ActivationRejected as exc:
+                self._drop(exc)
+        if batch:
+            flush()
+        stats.busy_seconds += time.perf_counter() - t0
+        return out
+
+    def _drop(self, exc: ActivationRejected) -> None:
+        self.executor.stats.drop(exc.cause)
+        self.last_drop = exc
+
+    @staticmethod
+    def _next_fields(msg: HopMessage) -> dict:
+        return dict(cluster=msg.cluster, epoch=msg.epoch, request_id=msg.request_id, step=msg.step,
+                    first_position=msg.first_position, kind=msg.kind, hop=msg.hop + 1)
+
+    def _check(self, msg: HopMessage) -> torch.Tensor | None:
+        """Reject a message that is not for us or is malformed; return its tensor (None for release)."""
         if msg.cluster != self.cluster:
             raise ActivationRejected("foreign_cluster", f"cluster {msg.cluster!r} != {self.cluster!r}")
         if msg.hop != self.hop:
@@ -103,12 +147,8 @@ class ChunkHandler:
         if msg.epoch != self.epoch:
             cause = "stale_epoch" if msg.epoch < self.epoch else "foreign_epoch"
             raise ActivationRejected(cause, f"epoch {msg.epoch} is not the coordinator's epoch {self.epoch}")
-        nxt = dict(cluster=msg.cluster, epoch=msg.epoch, request_id=msg.request_id, step=msg.step,
-                   first_position=msg.first_position, kind=msg.kind, hop=msg.hop + 1)
         if msg.kind == KIND_RELEASE:
-            self.executor.release(msg.request_id)
-            self._remember_released(msg.request_id)
-            return HopMessage(**nxt)
+            return None
         if msg.kind not in (KIND_PREFILL, KIND_DECODE):
             raise ActivationRejected("bad_kind", f"unknown kind {msg.kind}")
         if msg.kind == KIND_DECODE and msg.request_id in self.released:
@@ -120,11 +160,7 @@ class ChunkHandler:
             raise ActivationRejected(cause, str(exc)) from exc
         if msg.kind == KIND_DECODE and hidden.dim() == 3 and hidden.shape[1] != 1:
             raise ActivationRejected("bad_shape", f"decode carries {hidden.shape[1]} tokens, expected 1")
-        if msg.kind == KIND_PREFILL:
-            self.released.discard(msg.request_id)
-        out = self.executor.forward(msg.request_id, msg.step, msg.first_position, hidden,
-                                    prefill=msg.kind == KIND_PREFILL)
-        return HopMessage.with_tensor(out, **nxt)
+        return hidden
 
     def _remember_released(self, request_id: int) -> None:
         self.released.add(request_id)

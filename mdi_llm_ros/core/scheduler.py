@@ -187,52 +187,72 @@ class RingScheduler:
 
     def on_ring_output(self, msg: HopMessage) -> None:
         """A message came back from the last chunk: sample, then re-inject or finish."""
-        if msg.epoch != self.epoch or msg.cluster != self.cluster:
-            self.stale_outputs += 1
+        self.on_ring_outputs([msg])
+
+    def on_ring_outputs(self, msgs: list[HopMessage]) -> None:
+        """Several ring outputs at once: one LM-head matmul and one embedding lookup for all of
+        them (the head's weights are read once), then per request: sample, re-inject or finish."""
+        ready: list[tuple[_Request, HopMessage]] = []
+        with self._lock:
+            for msg in msgs:
+                if msg.epoch != self.epoch or msg.cluster != self.cluster:
+                    self.stale_outputs += 1
+                    continue
+                if msg.kind == KIND_RELEASE:
+                    continue                              # release went all the way round
+                req = self._inflight.get(msg.request_id)
+                if req is None or not req.in_ring or msg.step != len(req.tokens):
+                    self.stale_outputs += 1               # cancelled, finished, or a duplicate
+                    continue
+                req.in_ring = False
+                ready.append((req, msg))
+        if not ready:
             return
-        if msg.kind == KIND_RELEASE:
-            return                                    # release went all the way round
-        with self._lock:
-            req = self._inflight.get(msg.request_id)
-            if req is None or not req.in_ring or msg.step != len(req.tokens):
-                self.stale_outputs += 1               # cancelled, finished, or a duplicate
-                return
-            req.in_ring = False
-        hidden = msg.tensor()                          # (1, seq, hidden)
-        logits = self.model.logits(hidden)             # (vocab,)
-        token = req.sampler(logits)
+        last = torch.cat([m.tensor()[:, -1:, :] for _, m in ready])    # (batch, 1, hidden)
+        logits = self.model.logits_batch(last)                          # (batch, vocab)
+        tokens = [req.sampler(logits[b]) for b, (req, _) in enumerate(ready)]
         now = self.clock()
+        going: list[tuple[_Request, int, int, int]] = []                 # (request, token, step, position)
         with self._lock:
-            if self._inflight.get(req.rid) is not req:   # cancelled meanwhile
-                return
-            req.tokens.append(token)
-            self.tokens_generated += 1
-            if len(req.tokens) == 1:
-                req.first_token_at = now
-            req.last_token_at = now
-            reason = None
-            if token in self.model.eos_ids:
-                reason = "eos"
-                piece = ""
-            else:
-                piece = req.detok.add(token)
-                if req.detok.stopped:
-                    reason = "stop"
-                elif len(req.tokens) >= req.params.max_new_tokens:
-                    reason = "length"
-                elif len(req.prompt_ids) + len(req.tokens) >= self.max_context:
-                    reason = "length"
-            if piece and req.on_piece:
-                self._emit(req, piece, token)
-            if reason:
-                self._finish(req, reason, last_token=token)
-                return
-            step = len(req.tokens)
-            position = len(req.prompt_ids) + step - 1
-        hidden = self.model.embed_tokens([token])      # (1, 1, hidden)
+            for (req, _), token in zip(ready, tokens):
+                if self._inflight.get(req.rid) is not req:             # cancelled meanwhile
+                    continue
+                if self._record_token(req, token, now):
+                    step = len(req.tokens)
+                    going.append((req, token, step, len(req.prompt_ids) + step - 1))
+        if not going:
+            return
+        hidden = self.model.embed_tokens_batch([t for _, t, _, _ in going])   # (batch, 1, hidden)
         with self._lock:
-            if self._inflight.get(req.rid) is req:
-                self._send_hidden(req, KIND_DECODE, step, position, hidden)
+            for b, (req, _, step, position) in enumerate(going):
+                if self._inflight.get(req.rid) is req:
+                    self._send_hidden(req, KIND_DECODE, step, position, hidden[b:b + 1])
+
+    def _record_token(self, req: _Request, token: int, now: float) -> bool:
+        """Append a sampled token; finish the request if it is done. True if it goes on."""
+        req.tokens.append(token)
+        self.tokens_generated += 1
+        if len(req.tokens) == 1:
+            req.first_token_at = now
+        req.last_token_at = now
+        reason = None
+        piece = ""
+        if token in self.model.eos_ids:
+            reason = "eos"
+        else:
+            piece = req.detok.add(token)
+            if req.detok.stopped:
+                reason = "stop"
+            elif len(req.tokens) >= req.params.max_new_tokens:
+                reason = "length"
+            elif len(req.prompt_ids) + len(req.tokens) >= self.max_context:
+                reason = "length"
+        if piece and req.on_piece:
+            self._emit(req, piece, token)
+        if reason:
+            self._finish(req, reason, last_token=token)
+            return False
+        return True
 
     def _emit(self, req: _Request, piece: str, token: int) -> None:
         try:

@@ -24,6 +24,9 @@ from ..core.ring import ChunkHandler
 from .common import RING_QOS, STATUS_QOS, from_msg, load_plan, make_status, run_node, set_threads, to_msg
 
 
+MAX_BATCH = 32   # activations computed together at most
+
+
 class ChunkNode(Node):
     def __init__(self) -> None:
         super().__init__("mdi_chunk")
@@ -67,22 +70,29 @@ class ChunkNode(Node):
         self.publish_status()
 
     def work(self) -> None:
-        """Compute loop: one activation at a time, in arrival order."""
+        """Compute loop: take everything that is waiting (up to MAX_BATCH) and run it at once:
+        decode steps of different requests share one forward (micro-batching)."""
         while not self._stop.is_set():
             try:
-                msg = self.inbox.get(timeout=0.2)
+                msgs = [self.inbox.get(timeout=0.2)]
             except queue.Empty:
                 self.handler.executor.evict_idle()
                 continue
-            out = self.handler.handle(from_msg(msg))
-            if out is None:
-                self.log_drop()
-                continue
-            try:
-                self.pub.publish(to_msg(out))
-            except Exception as exc:  # context shut down while publishing
-                if not self._stop.is_set():
-                    self.get_logger().error(f"publish failed: {exc}")
+            while len(msgs) < MAX_BATCH:
+                try:
+                    msgs.append(self.inbox.get_nowait())
+                except queue.Empty:
+                    break
+            outs = self.handler.handle_many([from_msg(m) for m in msgs])
+            for out in outs:
+                if out is None:
+                    self.log_drop()
+                    continue
+                try:
+                    self.pub.publish(to_msg(out))
+                except Exception as exc:  # context shut down while publishing
+                    if not self._stop.is_set():
+                        self.get_logger().error(f"publish failed: {exc}")
 
     def log_drop(self) -> None:
         """Log each drop cause at most once per 5 s (a flood must not flood the log)."""

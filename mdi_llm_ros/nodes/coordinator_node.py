@@ -10,6 +10,7 @@ blocks the ring traffic that produces it.
 """
 from __future__ import annotations
 
+import queue
 import sys
 import threading
 import time
@@ -104,7 +105,9 @@ class CoordinatorNode(Node):
         # The ring has a node and an executor of its own: ring traffic never waits behind
         # client callbacks, and rclpy's MultiThreadedExecutor (which busy-spins while its
         # worker threads block in service calls) never sits on the hot path.
-        self.ring_node = rclpy.create_node(f"{self.get_name()}_ring", context=self.context)
+        # use_global_arguments=False: the launcher's `-r __node:=NAME` must not rename it too.
+        self.ring_node = rclpy.create_node(f"{self.get_name()}_ring", context=self.context,
+                                           use_global_arguments=False)
         self.ring_pub = self.ring_node.create_publisher(Activation, c.outbound_topic, RING_QOS)
         self.bytes_received = 0
         self.busy_seconds = 0.0
@@ -127,7 +130,13 @@ class CoordinatorNode(Node):
         client_group = ReentrantCallbackGroup()
         status_group = ReentrantCallbackGroup()
         self._liveness_lock = threading.Lock()
-        self.ring_node.create_subscription(Activation, c.inbound_topic, self.on_ring_output, RING_QOS)
+        # Ring outputs are queued and computed by one thread that takes all that wait at once
+        # (one LM-head matmul for all of them).
+        self.ring_inbox: queue.Queue = queue.Queue()
+        self.ring_node.create_subscription(Activation, c.inbound_topic, self.ring_inbox.put, RING_QOS)
+        self._ring_stop = threading.Event()
+        self.ring_worker = threading.Thread(target=self.ring_work, name="ring-compute", daemon=True)
+        self.ring_worker.start()
         self.ring_executor = SingleThreadedExecutor(context=self.context)
         self.ring_executor.add_node(self.ring_node)
         self.ring_thread = threading.Thread(target=spin_quietly, args=(self.ring_executor,), name="ring",
@@ -153,16 +162,26 @@ class CoordinatorNode(Node):
         with self._send_lock:
             self.ring_pub.publish(to_msg(msg))
 
-    def on_ring_output(self, msg: Activation) -> None:
-        t0 = time.perf_counter()
-        hop = from_msg(msg)
-        self.bytes_received += hop.nbytes
-        try:
-            self.scheduler.on_ring_output(hop)
-        except Exception as exc:   # a malformed message must not stop the coordinator
-            self.get_logger().error(f"ring output of request {msg.request_id} dropped: {exc}")
-        finally:
-            self.busy_seconds += time.perf_counter() - t0
+    def ring_work(self) -> None:
+        while not self._ring_stop.is_set():
+            try:
+                msgs = [self.ring_inbox.get(timeout=0.2)]
+            except queue.Empty:
+                continue
+            while len(msgs) < 64:
+                try:
+                    msgs.append(self.ring_inbox.get_nowait())
+                except queue.Empty:
+                    break
+            t0 = time.perf_counter()
+            hops = [from_msg(m) for m in msgs]
+            self.bytes_received += sum(h.nbytes for h in hops)
+            try:
+                self.scheduler.on_ring_outputs(hops)
+            except Exception as exc:   # a malformed message must not stop the coordinator
+                self.get_logger().error(f"{len(hops)} ring outputs dropped: {exc}")
+            finally:
+                self.busy_seconds += time.perf_counter() - t0
 
     # --- liveness ---------------------------------------------------------------------
     def on_status(self, s: NodeStatus) -> None:
@@ -270,6 +289,8 @@ class CoordinatorNode(Node):
         return fill_result(result, r)
 
     def destroy_node(self) -> None:
+        self._ring_stop.set()
+        self.ring_worker.join(timeout=5.0)
         self.ring_executor.shutdown(timeout_sec=2.0)
         self.ring_thread.join(timeout=5.0)
         self.ring_node.destroy_node()
