@@ -7,6 +7,7 @@ the final norm and the LM head. Chunk nodes hold everything in between.
 from __future__ import annotations
 
 import math
+import threading
 import unicodedata
 from dataclasses import dataclass, field
 
@@ -83,6 +84,7 @@ class CoordinatorModel:
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
         self.tokenizer = AutoTokenizer.from_pretrained(info.path)
+        self._tokenizer_lock = threading.Lock()
         skeleton = meta_model(info.config)
         self.reader = TensorReader(info)
         names = ["model.embed_tokens.weight", "model.norm.weight"]
@@ -117,6 +119,11 @@ class CoordinatorModel:
             self.parameter_bytes += self.local_layers.parameter_bytes
 
     def encode_prompt(self, prompt: str, use_chat_template: bool) -> list[int]:
+        # The Rust tokenizer refuses concurrent use ("Already borrowed"): callers are serialised.
+        with self._tokenizer_lock:
+            return self._encode(prompt, use_chat_template)
+
+    def _encode(self, prompt: str, use_chat_template: bool) -> list[int]:
         if use_chat_template:
             if not getattr(self.tokenizer, "chat_template", None):
                 raise RequestError(ErrorCode.INVALID_TEXT,

@@ -21,6 +21,7 @@ from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
+from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 
 from mdi_llm_ros.action import Generate as GenerateAction
 from mdi_llm_ros.msg import Activation, NodeStatus
@@ -147,12 +148,19 @@ class CoordinatorNode(Node):
                                  callback_group=status_group)
         self.create_timer(0.2, self.check_ring, callback_group=status_group)
         self.create_timer(cfg.heartbeat_period_s, self.publish_status, callback_group=status_group)
+        # Deep request queues: with the default depth of 10, a burst of more concurrent callers
+        # than that overwrote requests in the reader's history and those callers waited forever.
+        depth = max(100, 2 * (cfg.coordinator.max_inflight + cfg.coordinator.queue_limit))
+        request_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=depth, reliability=ReliabilityPolicy.RELIABLE)
         self.create_service(Generate, service_name(cfg.namespace, "generate"), self.on_generate,
-                            callback_group=client_group)
+                            qos_profile=request_qos, callback_group=client_group)
         self.action = ActionServer(
             self, GenerateAction, service_name(cfg.namespace, "generate_stream"), self.on_goal_execute,
             goal_callback=self.on_goal, cancel_callback=lambda _: CancelResponse.ACCEPT,
-            callback_group=client_group)
+            callback_group=client_group, goal_service_qos_profile=request_qos,
+            result_service_qos_profile=request_qos, cancel_service_qos_profile=request_qos,
+            feedback_pub_qos_profile=QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=depth,
+                                                reliability=ReliabilityPolicy.RELIABLE))
         self.get_logger().info(
             f"coordinator: epoch {self.scheduler.epoch}; serving {service_name(cfg.namespace, 'generate')} and "
             f"{service_name(cfg.namespace, 'generate_stream')}; waiting for chunk nodes {', '.join(self._missing)}")
@@ -254,6 +262,9 @@ class CoordinatorNode(Node):
         except RequestError as exc:
             self.get_logger().info(f"/generate refused: {exc.code}: {exc.message}")
             return fill_result(response, error_result(exc.code, exc.message))
+        except Exception as exc:       # never leave a caller without an answer
+            self.get_logger().error(f"/generate failed: {exc!r}")
+            return fill_result(response, error_result(ErrorCode.INTERNAL, f"coordinator error: {exc!r}"))
         return fill_result(response, self._wait(handle))
 
     def on_goal(self, goal) -> GoalResponse:
