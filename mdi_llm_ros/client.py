@@ -19,6 +19,7 @@ from typing import Iterator
 
 from rclpy.action import ActionClient
 from rclpy.node import Node
+from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 
 from mdi_llm_ros.action import Generate as GenerateAction
 from mdi_llm_ros.srv import Generate
@@ -52,6 +53,9 @@ def _failure(code: str, message: str) -> GenerationResult:
     return GenerationResult(success=False, error_code=code, error_message=message, finish_reason="error")
 
 
+REPLY_DEPTH = 100
+
+
 @dataclass
 class StreamPiece:
     text: str
@@ -66,8 +70,13 @@ class GenerateClient:
         self.node = node
         self.service = service_name(namespace, "generate")
         self.action = service_name(namespace, "generate_stream")
-        self._srv = node.create_client(Generate, self.service)
-        self._act = ActionClient(node, GenerateAction, self.action)
+        # Deep reply queues: every client's reader also sees the replies to other callers of the
+        # same service, and with the default depth of 10 a burst of replies overwrote its own.
+        qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=REPLY_DEPTH, reliability=ReliabilityPolicy.RELIABLE)
+        self._srv = node.create_client(Generate, self.service, qos_profile=qos)
+        self._act = ActionClient(node, GenerateAction, self.action, goal_service_qos_profile=qos,
+                                 result_service_qos_profile=qos, cancel_service_qos_profile=qos,
+                                 feedback_sub_qos_profile=qos)
 
     def wait_for_service(self, timeout_s: float) -> bool:
         return self._srv.wait_for_service(timeout_sec=timeout_s)
