@@ -4,9 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 import sys
-import time
 from pathlib import Path
 
 from .core.config import ClusterConfig, default_config_path, load_config

@@ -7,7 +7,6 @@ with its stats and the aggregate token rate, then stops the cluster cleanly.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time

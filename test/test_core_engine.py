@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 
 from mdi_llm_ros.core.chunk import ChunkExecutor
 from mdi_llm_ros.core.config import parse_config
-from mdi_llm_ros.core.engine import CoordinatorModel, GenerateParams
+from mdi_llm_ros.core.engine import GenerateParams
 from mdi_llm_ros.core.errors import ErrorCode, RequestError
 from mdi_llm_ros.core.local import LocalRing
 from mdi_llm_ros.core.models import TensorReader, load_model_info

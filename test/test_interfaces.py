@@ -14,7 +14,7 @@ pytestmark = pytest.mark.ros
 
 
 def test_interfaces_import():
-    from mdi_llm_ros.action import Generate as GenerateAction  # noqa: F401
+    from mdi_llm_ros.action import Generate as GenerateAction  # noqa: F401  (import is the check)
     from mdi_llm_ros.msg import Activation, NodeStatus
     from mdi_llm_ros.srv import Generate
     assert Activation.KIND_PREFILL == 0 and Activation.KIND_RELEASE == 2

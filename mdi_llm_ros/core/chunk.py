@@ -137,10 +137,6 @@ class ChunkExecutor:
     def num_cached(self) -> int:
         return len(self.caches)
 
-    def cached_bytes(self) -> int:
-        with self._lock:
-            return sum(c.nbytes() for c in self.caches.values())
-
     @torch.inference_mode()
     def forward(self, request_id: int, step: int, position: int, hidden: torch.Tensor,
                 prefill: bool | None = None) -> torch.Tensor:

@@ -122,7 +122,7 @@ def prepare_model(name: str = DEFAULT_MODEL, *, force: bool = False,
     t0 = time.monotonic()
     log(f"[model] 1/4 checksum of {gguf.name} ({gguf.stat().st_size / 1e6:.0f} MB)")
     digest = _sha256(gguf)
-    log(f"[model] 2/4 loading and de-quantizing the GGUF (about 20 s)")
+    log("[model] 2/4 loading and de-quantizing the GGUF (about 20 s)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
