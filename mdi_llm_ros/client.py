@@ -49,10 +49,6 @@ def to_result(r) -> GenerationResult:
                             tokens_per_second=r.tokens_per_second)
 
 
-def _failure(code: str, message: str) -> GenerationResult:
-    return GenerationResult(success=False, error_code=code, error_message=message, finish_reason="error")
-
-
 REPLY_DEPTH = 100
 
 
@@ -90,11 +86,11 @@ class GenerateClient:
         # A request sent before this client has matched the service's endpoints is lost
         # (DDS delivers nothing to readers it has not discovered yet): wait for them first.
         if not self._srv.wait_for_service(timeout_sec=min(timeout_s, 30.0)):
-            return _failure(ErrorCode.NOT_READY, f"no {self.service} on this ROS domain; is the cluster running?")
+            return GenerationResult.failure(ErrorCode.NOT_READY, f"no {self.service} on this ROS domain; is the cluster running?")
         future = self._srv.call_async(fill_request(Generate.Request(), params))
         if not _wait_future(future, timeout_s):
             self._srv.remove_pending_request(future)
-            return _failure(ErrorCode.TIMEOUT, f"no answer from {self.service} within {timeout_s:.0f} s")
+            return GenerationResult.failure(ErrorCode.TIMEOUT, f"no answer from {self.service} within {timeout_s:.0f} s")
         return to_result(future.result())
 
     def stream(self, prompt: str | GenerateParams, timeout_s: float = 300.0, cancel_after: int | None = None,
@@ -115,15 +111,15 @@ class GenerateClient:
 
         deadline = time.monotonic() + timeout_s
         if not self._act.wait_for_server(timeout_sec=min(timeout_s, 30.0)):
-            yield _failure(ErrorCode.NOT_READY, f"no {self.action} on this ROS domain; is the cluster running?")
+            yield GenerationResult.failure(ErrorCode.NOT_READY, f"no {self.action} on this ROS domain; is the cluster running?")
             return
         send = self._act.send_goal_async(goal, feedback_callback=on_feedback)
         if not _wait_future(send, timeout_s):
-            yield _failure(ErrorCode.TIMEOUT, f"{self.action} did not answer the goal in {timeout_s:.0f} s")
+            yield GenerationResult.failure(ErrorCode.TIMEOUT, f"{self.action} did not answer the goal in {timeout_s:.0f} s")
             return
         goal_handle = send.result()
         if not goal_handle.accepted:
-            yield _failure(ErrorCode.BUSY, f"{self.action} rejected the goal: the cluster is busy or not "
+            yield GenerationResult.failure(ErrorCode.BUSY, f"{self.action} rejected the goal: the cluster is busy or not "
                                            "ready (its log says which); retry later")
             return
         result_future = goal_handle.get_result_async()
@@ -141,7 +137,7 @@ class GenerateClient:
                     cancelled = True
                 if time.monotonic() > deadline:
                     goal_handle.cancel_goal_async()
-                    yield _failure(ErrorCode.TIMEOUT, f"no result from {self.action} within {timeout_s:.0f} s")
+                    yield GenerationResult.failure(ErrorCode.TIMEOUT, f"no result from {self.action} within {timeout_s:.0f} s")
                     return
                 arrived.wait(0.02)
         # Feedback may still be in flight when the result lands: give it a moment.

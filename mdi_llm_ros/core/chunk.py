@@ -60,9 +60,6 @@ class RequestKVCache:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.length
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
-
 
 class BatchedCacheView:
     """Presents several requests' caches as one batch to HF attention (micro-batched decode).

@@ -42,6 +42,11 @@ class GenerationResult:
     time_to_first_token: float = 0.0
     tokens_per_second: float = 0.0
 
+    @classmethod
+    def failure(cls, code: str, message: str) -> "GenerationResult":
+        """A request that ended (or never started) with an error code."""
+        return cls(success=False, error_code=code, error_message=message, finish_reason="error")
+
 
 PieceCallback = Callable[[str, int, int], None]   # (text piece, token id, tokens so far)
 

@@ -54,10 +54,6 @@ def fill_result(out, r: GenerationResult):
     return out
 
 
-def error_result(code: str, message: str) -> GenerationResult:
-    return GenerationResult(success=False, error_code=code, error_message=message, finish_reason="error")
-
-
 class ChunkLiveness:
     """Which chunk nodes have sent a ready heartbeat recently, and which restarted."""
 
@@ -67,7 +63,6 @@ class ChunkLiveness:
         self.timeout_s = timeout_s
         self.last_seen: dict[str, float] = {}
         self.started_at: dict[str, int] = {}
-        self.status: dict[str, NodeStatus] = {}
 
     def heard(self, s: NodeStatus) -> bool:
         """Record a heartbeat; True when this node restarted since we last heard it.
@@ -78,7 +73,6 @@ class ChunkLiveness:
         restarted = s.name in self.started_at and self.started_at[s.name] != s.started_at_ns
         self.started_at[s.name] = s.started_at_ns
         self.last_seen[s.name] = time.monotonic()
-        self.status[s.name] = s
         return restarted
 
     def missing(self) -> list[str]:
@@ -252,7 +246,7 @@ class CoordinatorNode(Node):
                 handle.cancel()
             if time.monotonic() > deadline or not rclpy.ok():
                 handle.cancel()
-                return error_result(ErrorCode.TIMEOUT, "no answer from the ring in time")
+                return GenerationResult.failure(ErrorCode.TIMEOUT, "no answer from the ring in time")
             handle.wait(0.02)
         return handle.result
 
@@ -261,10 +255,10 @@ class CoordinatorNode(Node):
             handle = self.scheduler.submit(params_from(request))
         except RequestError as exc:
             self.get_logger().info(f"/generate refused: {exc.code}: {exc.message}")
-            return fill_result(response, error_result(exc.code, exc.message))
+            return fill_result(response, GenerationResult.failure(exc.code, exc.message))
         except Exception as exc:       # never leave a caller without an answer
             self.get_logger().error(f"/generate failed: {exc!r}")
-            return fill_result(response, error_result(ErrorCode.INTERNAL, f"coordinator error: {exc!r}"))
+            return fill_result(response, GenerationResult.failure(ErrorCode.INTERNAL, f"coordinator error: {exc!r}"))
         return fill_result(response, self._wait(handle))
 
     def on_goal(self, goal) -> GoalResponse:
@@ -289,7 +283,7 @@ class CoordinatorNode(Node):
             handle = self.scheduler.submit(params_from(goal_handle.request), on_piece)
         except RequestError as exc:
             goal_handle.abort()
-            return fill_result(result, error_result(exc.code, exc.message))
+            return fill_result(result, GenerationResult.failure(exc.code, exc.message))
         r = self._wait(handle, lambda: goal_handle.is_cancel_requested)
         if goal_handle.is_cancel_requested and r.finish_reason == "cancelled":
             goal_handle.canceled()
