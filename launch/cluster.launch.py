@@ -24,7 +24,8 @@ def _nodes(context, *args, **kwargs):
     respawn = LaunchConfiguration("respawn").perform(context).lower() in ("1", "true", "yes")
     return [
         Node(package="mdi_llm_ros", executable=spec.executable, name=spec.name, output="screen",
-             parameters=[spec.parameters], respawn=respawn and spec.role == "chunk", respawn_delay=1.0)
+             parameters=[spec.parameters], additional_env=spec.env,   # the config's discovery settings
+             respawn=respawn and spec.role == "chunk", respawn_delay=1.0)
         for spec in node_specs(config, host)
     ]
 

@@ -85,82 +85,184 @@ def _percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
-def run_ring(model: str, k: int, ns: list[int], tokens: int, *, pin: bool, threads: int | None,
-             references: dict[str, str], workdir: Path) -> dict:
+def drive_main(argv: list[str]) -> int:
+    """Child: python -m mdi_llm_ros.bench --drive SPEC.json. One scenario: N concurrent
+    requests against a running ring, as a separate process so that it can run on a
+    client device (a network namespace) of its own. Prints one JSON line."""
     import rclpy
 
     from .client import BackgroundSpin, GenerateClient
-    from .launcher import Cluster, node_specs
+    from .core.config import apply_discovery_env, load_config
     from .soak import StatusWatch
 
-    cfg_path = workdir / f"ring_k{k}.yaml"
-    cfg_path.write_text(yaml.safe_dump({
-        "model": {"name": model, "dtype": "float32", "max_context": 2048},
-        "coordinator": {"max_inflight": max(ns), "queue_limit": max(ns)},
-        "chunks": [{"name": f"chunk_{i}"} for i in range(k)]}))
+    spec = json.loads(Path(argv[0]).read_text())
+    cfg = load_config(spec["config"])
+    apply_discovery_env(cfg)
+    n, tokens, references = spec["n"], spec["tokens"], spec["references"]
+    rclpy.init()
+    node = rclpy.create_node(f"mdi_bench_driver_{os.getpid()}")
+    spin = BackgroundSpin(node)
+    try:
+        watch = StatusWatch(node, cfg.namespace)
+        clients = [GenerateClient(node, cfg.namespace) for _ in range(n)]
+        if not clients[0].wait_for_service(120):
+            raise RuntimeError("the ring's /generate did not appear within 120 s")
+        deadline = time.monotonic() + 120
+        while clients[0].generate(PROMPTS[0], max_new_tokens=2).error_code == "NOT_READY":
+            if time.monotonic() > deadline:
+                raise RuntimeError("the ring stayed NOT_READY for 120 s")
+            time.sleep(0.3)
+        for c in clients:                   # every client's reply reader is matched before timing
+            c.wait_for_service(30)
+        before = watch.fresh(0.7, expect=len(cfg.chunks) + 1)
+        _handshake("READY")                 # the parent reads the link counters, then says go
+        results: list = [None] * n
+        t0 = time.perf_counter()
+
+        def call(i: int) -> None:
+            results[i] = clients[i].generate(PROMPTS[i % len(PROMPTS)], max_new_tokens=tokens, timeout_s=1800)
+
+        workers = [threading.Thread(target=call, args=(i,)) for i in range(n)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        wall = time.perf_counter() - t0
+        _handshake("DONE")
+        after = watch.fresh(0.7, expect=len(cfg.chunks) + 1)
+    finally:
+        spin.close()
+        rclpy.try_shutdown()
+    ok = all(r is not None and r.success for r in results)
+    generated = sum(r.generated_tokens for r in results if r)
+    first_diff = None
+    for i, r in enumerate(results):
+        ref = references[PROMPTS[i % len(PROMPTS)]]
+        if r and r.text != ref:
+            first_diff = next((j for j, (a, b) in enumerate(zip(r.text, ref)) if a != b),
+                              min(len(r.text), len(ref)))
+            break
+    nbytes = sum(after[x].bytes_received - before[x].bytes_received for x in after if x in before)
+    busy = {x: (after[x].busy_seconds - before[x].busy_seconds) / wall for x in after if x in before}
+    ttfts = [r.time_to_first_token for r in results if r]
+    print(json.dumps({
+        "n": n, "ok": ok, "errors": sorted({r.error_code for r in results if r and not r.success}),
+        "tokens": generated, "wall_s": wall,
+        "tokens_per_s": generated / wall, "ttft_p50": _percentile(ttfts, 0.5), "ttft_p95": _percentile(ttfts, 0.95),
+        "per_token_ms": 1000 / results[0].tokens_per_second if n == 1 and results[0].tokens_per_second else None,
+        "wire_bytes_per_token": nbytes / generated if generated else 0, "busy_share": busy,
+        "greedy_identical": first_diff is None and ok, "first_diverging_char": first_diff}))
+    return 0
+
+
+def _handshake(word: str) -> None:
+    """Driver side: tell the parent where we are and wait for its go-ahead (stdin line)."""
+    print(word, flush=True)
+    sys.stdin.readline()
+
+
+def _drive(spec: dict, workdir: Path, prefix: tuple[str, ...] = (), on_mark=None) -> dict:
+    """Run one scenario in a driver process; on_mark("READY"/"DONE") is called at the
+    start and end of the timed part (to read link counters around exactly that)."""
+    path = workdir / f"drive_{spec['tag']}_n{spec['n']}.json"
+    path.write_text(json.dumps(spec))
+    err_path = workdir / f"drive_{spec['tag']}_n{spec['n']}.log"
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen([*prefix, sys.executable, "-m", "mdi_llm_ros.bench", "--drive", str(path)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True)
+        lines = []
+        try:
+            for line in proc.stdout:                     # type: ignore[union-attr]
+                word = line.strip()
+                if word in ("READY", "DONE"):
+                    if on_mark:
+                        on_mark(word)
+                    proc.stdin.write("go\n")            # type: ignore[union-attr]
+                    proc.stdin.flush()                   # type: ignore[union-attr]
+                elif word:
+                    lines.append(word)
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"bench driver for {spec['tag']} N={spec['n']} failed (exit {proc.returncode}): "
+                           f"{err_path.read_text()[-2000:]}")
+    return json.loads(lines[-1])
+
+
+def ring_config(model: str, k: int, max_n: int, lab=None) -> dict:
+    """The bench's cluster config: K chunk nodes; on a lab, coordinator + chunk_0 on robot_0 and
+    chunk_i on robot_i, with discovery over the lab's subnet and UDP only (no shared memory)."""
+    cfg: dict = {"model": {"name": model, "dtype": "float32", "max_context": 2048},
+                 "coordinator": {"max_inflight": max_n, "queue_limit": max_n},
+                 "chunks": [{"name": f"chunk_{i}"} for i in range(k)]}
+    if lab is not None:
+        cfg["cluster"] = {"discovery_range": "SUBNET", "transport": "udp",
+                          "domain_id": int(os.environ.get("ROS_DOMAIN_ID", "0") or 0)}
+        cfg["coordinator"]["host"] = "robot_0"
+        for i, ch in enumerate(cfg["chunks"]):
+            ch["host"] = f"robot_{i}"
+    return cfg
+
+
+def run_ring(model: str, k: int, ns: list[int], tokens: int, *, pin: bool, threads: int | None,
+             references: dict[str, str], workdir: Path, rates: list[str | None] | None = None) -> dict:
+    """Start a ring of K chunk nodes, drive N concurrent requests for each N, stop it.
+
+    rates: None runs everything on this host's network (shared memory + loopback); a list
+    runs each node on its own emulated device (network namespace) and repeats the scenarios
+    for each link rate in it (None: unshaped).
+    """
+    from dataclasses import replace
+
+    from .launcher import Cluster, node_specs
+    from .netlab import NetLab
+
+    lab = None
+    if rates is not None:
+        lab = NetLab(hosts=[f"robot_{i}" for i in range(k)] + ["client"], name=f"mdibench{os.getpid() % 10000}")
+    cfg_path = workdir / f"ring_k{k}{'_netlab' if lab else ''}.yaml"
+    cfg_path.write_text(yaml.safe_dump(ring_config(model, k, max(ns), lab)))
     env = dict(os.environ)
     if threads:
         env["MDI_TORCH_THREADS"] = str(threads)
-
-    log = open(workdir / f"ring_k{k}.log", "w")          # the nodes' logs, for a failed run
-    cluster = Cluster(node_specs(cfg_path), out=log, env=env, pin_cores=pin)
+    specs = node_specs(cfg_path)
+    if lab is not None:
+        lab.up()
+        specs = [replace(s, prefix=lab.exec_prefix(s.host)) for s in specs]
+    log = open(workdir / f"ring_k{k}{'_netlab' if lab else ''}.log", "w")   # the nodes' logs, for a failed run
+    cluster = Cluster(specs, out=log, env=env, pin_cores=pin)
     cluster.start()
-    context = rclpy.Context()
-    rclpy.init(context=context)
-    node = rclpy.create_node(f"mdi_bench_{k}", context=context)
-    spin = BackgroundSpin(node)
     scenarios = []
     try:
-        watch = StatusWatch(node, "")
-        clients = [GenerateClient(node) for _ in range(max(ns))]
-        if not clients[0].wait_for_service(120):
-            raise RuntimeError("the ring's /generate did not appear")
-        while clients[0].generate(PROMPTS[0], max_new_tokens=2).error_code == "NOT_READY":
-            time.sleep(0.3)
-        for n in ns:
-            before = watch.fresh(0.7)
-            results: list = [None] * n
-            t0 = time.perf_counter()
-
-            def call(i: int) -> None:
-                results[i] = clients[i].generate(PROMPTS[i % len(PROMPTS)], max_new_tokens=tokens, timeout_s=1800)
-
-            workers = [threading.Thread(target=call, args=(i,)) for i in range(n)]
-            for w in workers:
-                w.start()
-            for w in workers:
-                w.join()
-            wall = time.perf_counter() - t0
-            after = watch.fresh(0.7)
-            ok = all(r is not None and r.success for r in results)
-            generated = sum(r.generated_tokens for r in results if r)
-            identical = all(r.text == references[PROMPTS[i % len(PROMPTS)]] for i, r in enumerate(results) if r)
-            first_diff = None
-            if not identical:
-                for i, r in enumerate(results):
-                    ref = references[PROMPTS[i % len(PROMPTS)]]
-                    if r and r.text != ref:
-                        first_diff = next((j for j, (a, b) in enumerate(zip(r.text, ref)) if a != b),
-                                          min(len(r.text), len(ref)))
-                        break
-            nbytes = sum(after[x].bytes_received - before[x].bytes_received for x in after if x in before)
-            busy = {x: (after[x].busy_seconds - before[x].busy_seconds) / wall for x in after if x in before}
-            ttfts = [r.time_to_first_token for r in results if r]
-            scenarios.append({
-                "k": k, "n": n, "ok": ok, "tokens": generated, "wall_s": wall,
-                "tokens_per_s": generated / wall, "ttft_p50": _percentile(ttfts, 0.5),
-                "ttft_p95": _percentile(ttfts, 0.95),
-                "per_token_ms": 1000 / results[0].tokens_per_second if n == 1 and results[0].tokens_per_second else None,
-                "wire_bytes_per_token": nbytes / generated if generated else 0, "busy_share": busy,
-                "greedy_identical": identical, "first_diverging_char": first_diff})
-            _log(f"ring K={k} N={n}: {generated / wall:.1f} tokens/s, identical={identical}")
+        for rate in (rates if lab is not None else [None]):
+            network = "localhost" if lab is None else f"netns {rate or 'unshaped'}"
+            if lab is not None:
+                lab.shape(rate)
+            for n in ns:
+                marks: dict[str, dict] = {}
+                spec = {"config": str(cfg_path), "n": n, "tokens": tokens, "references": references,
+                        "tag": f"k{k}_{network.replace(' ', '_')}"}
+                s = _drive(spec, workdir, lab.exec_prefix("client") if lab else (),
+                           on_mark=(lambda word: marks.__setitem__(word, lab.counters())) if lab else None)
+                s.update(k=k, network=network, rate=rate)
+                if lab is not None:
+                    # every byte the devices put on their links while the requests ran: ring
+                    # activations, service calls and replies, DDS acks and heartbeats
+                    sent = sum(marks["DONE"][h]["tx_bytes"] - marks["READY"][h]["tx_bytes"] for h in lab.hosts)
+                    s["link_bytes_per_token"] = sent / s["tokens"] if s["tokens"] else 0
+                scenarios.append(s)
+                _log(f"ring K={k} N={n} ({network}): {s['tokens_per_s']:.1f} tokens/s, "
+                     f"identical={s['greedy_identical']}")
         peaks = cluster.peak_rss()
     finally:
-        spin.close()
-        rclpy.try_shutdown(context=context)
         cluster.stop()
         log.close()
-    return {"k": k, "scenarios": scenarios, "peak_rss": peaks}
+        if lab is not None:
+            lab.down()
+    return {"k": k, "network": "localhost" if lab is None else "netns", "scenarios": scenarios, "peak_rss": peaks}
 
 
 # --- report ------------------------------------------------------------------------------
@@ -182,10 +284,11 @@ def markdown(res: dict) -> str:
     for ring in res["rings"]:
         for s in ring["scenarios"]:
             b = bat.get(s["n"])
+            label = _label(s)
             lines.append(
-                f"| ring K={s['k']} | {s['n']} | {s['tokens_per_s']:.1f} | {s['tokens_per_s'] / base_seq:.2f} | "
+                f"| {label} | {s['n']} | {s['tokens_per_s']:.1f} | {s['tokens_per_s'] / base_seq:.2f} | "
                 f"{s['tokens_per_s'] / b['tokens_per_s']:.2f} | " if b else
-                f"| ring K={s['k']} | {s['n']} | {s['tokens_per_s']:.1f} | {s['tokens_per_s'] / base_seq:.2f} | - | ")
+                f"| {label} | {s['n']} | {s['tokens_per_s']:.1f} | {s['tokens_per_s'] / base_seq:.2f} | - | ")
             lines[-1] += (f"{s['ttft_p50']:.2f} / {s['ttft_p95']:.2f} | "
                           f"{s['per_token_ms']:.1f} | " if s["per_token_ms"] else
                           f"{s['ttft_p50']:.2f} / {s['ttft_p95']:.2f} | | ")
@@ -195,9 +298,28 @@ def markdown(res: dict) -> str:
     for b in res["baselines"]:
         lines.append(f"| transformers {b['mode']} N={b['n']} | {b['peak_rss'] / 1e6:.0f} |")
     for ring in res["rings"]:
-        lines.append(f"| ring K={ring['k']} | " + ", ".join(f"{n} {v / 1e6:.0f}" for n, v in ring["peak_rss"].items())
-                     + " |")
+        where = "" if ring.get("network", "localhost") == "localhost" else f" ({ring['network']})"
+        lines.append(f"| ring K={ring['k']}{where} | "
+                     + ", ".join(f"{n} {v / 1e6:.0f}" for n, v in ring["peak_rss"].items()) + " |")
+    lab = [s for ring in res["rings"] for s in ring["scenarios"] if s.get("network", "localhost") != "localhost"]
+    if lab:
+        lines += ["", "Emulated devices (one network namespace per device, UDP over veth links through a bridge; "
+                  "client in its own namespace):", "",
+                  "| config | links | N | tokens/s | × unshaped | ring payload bytes/token | "
+                  "link bytes/token (all traffic) | greedy = HF |", "|---|---|---|---|---|---|---|---|"]
+        unshaped = {(s["k"], s["n"]): s["tokens_per_s"] for s in lab if s["rate"] is None}
+        for s in lab:
+            ref = unshaped.get((s["k"], s["n"]))
+            lines.append(f"| ring K={s['k']} | {s['rate'] or 'unshaped'} | {s['n']} | {s['tokens_per_s']:.1f} | "
+                         f"{s['tokens_per_s'] / ref:.2f} | " if ref else "- | ")
+            lines[-1] += (f"{s['wire_bytes_per_token']:.0f} | {s['link_bytes_per_token']:.0f} | "
+                          f"{'yes' if s['greedy_identical'] else 'NO'} |")
     return "\n".join(lines)
+
+
+def _label(s: dict) -> str:
+    network = s.get("network", "localhost")
+    return f"ring K={s['k']}" + ("" if network == "localhost" else f", {network}")
 
 
 def plot(res: dict, path: Path) -> None:
@@ -209,8 +331,9 @@ def plot(res: dict, path: Path) -> None:
         pts = sorted((b["n"], b["tokens_per_s"]) for b in res["baselines"] if b["mode"] == mode)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "--o", label=f"transformers {mode}")
     for ring in res["rings"]:
-        pts = [(s["n"], s["tokens_per_s"]) for s in ring["scenarios"]]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "-s", label=f"ring K={ring['k']}")
+        for label in dict.fromkeys(_label(s) for s in ring["scenarios"]):
+            pts = [(s["n"], s["tokens_per_s"]) for s in ring["scenarios"] if _label(s) == label]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "-s", label=label)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("concurrent requests N")
     ax.set_ylabel("aggregate generated tokens/s")
@@ -223,7 +346,8 @@ def plot(res: dict, path: Path) -> None:
             values.append(b["peak_rss"] / 1e6)
     for ring in res["rings"]:
         for name, v in ring["peak_rss"].items():
-            labels.append(f"K{ring['k']} {name.replace('chunk_', 'c')}")
+            where = "" if ring.get("network", "localhost") == "localhost" else " ns"
+            labels.append(f"K{ring['k']}{where} {name.replace('chunk_', 'c')}")
             values.append(v / 1e6)
     bx.bar(range(len(values)), values)
     bx.set_xticks(range(len(values)), labels, rotation=60, ha="right", fontsize=8)
@@ -233,14 +357,25 @@ def plot(res: dict, path: Path) -> None:
 
 
 def run_bench(*, quick: bool, pin: bool, threads: int | None, model: str, out_dir: Path,
-              ks: list[int] | None = None, ns: list[int] | None = None, tokens: int | None = None) -> dict:
+              ks: list[int] | None = None, ns: list[int] | None = None, tokens: int | None = None,
+              netlab: bool = False, rate: str = "20mbit") -> dict:
     from .core.models import resolve_model_dir
     model_dir = str(resolve_model_dir(model))
+    rates = None
+    if netlab:
+        from .netlab import NetLabError, describe_probe, probe
+        found = probe()
+        _log(describe_probe(found))
+        if not found["netns"] or not found["tbf"]:
+            raise NetLabError(f"--netlab needs network namespaces and tbf: {describe_probe(found)}")
+        rates = [None, rate]
+        ks = ks or [3]
+        ns = ns or ([1, 4] if quick else [1, 4, 16])
     ks = ks or ([1, 3] if quick else [1, 2, 3])
     ns = ns or ([1, 4] if quick else [1, 2, 4, 8, 16])
     tokens = tokens or (24 if quick else 64)
     cores = len(os.sched_getaffinity(0))
-    res = {"model": model, "tokens": tokens, "pin": pin, "threads": threads, "quick": quick,
+    res = {"model": model, "tokens": tokens, "pin": pin, "threads": threads, "quick": quick, "netlab": netlab,
            "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "baselines": [], "rings": []}
     _log(f"baselines: transformers sequential and batched ({cores} threads)")
     seq = run_baseline("sequential", model_dir, len(PROMPTS), tokens, cores)
@@ -255,7 +390,7 @@ def run_bench(*, quick: bool, pin: bool, threads: int | None, model: str, out_di
     for k in ks:
         _log(f"ring with K={k} chunk nodes, N in {ns} (node logs: {logs})")
         res["rings"].append(run_ring(model, k, ns, tokens, pin=pin, threads=threads, references=references,
-                                     workdir=logs))
+                                     workdir=logs, rates=rates))
     (out_dir / f"{stamp}.json").write_text(json.dumps(res, indent=1))
     table = markdown(res)
     (out_dir / f"{stamp}.md").write_text(table + "\n")
@@ -268,5 +403,7 @@ def run_bench(*, quick: bool, pin: bool, threads: int | None, model: str, out_di
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--baseline":
         sys.exit(baseline_main(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "--drive":
+        sys.exit(drive_main(sys.argv[2:]))
     print("use `mdi-llm bench`", file=sys.stderr)
     sys.exit(2)

@@ -10,6 +10,7 @@ from pathlib import Path
 from .core.config import ClusterConfig, default_config_path, load_config
 from .core.errors import ConfigError, RequestError
 from .core.models import DEFAULT_MODEL, PREPARED_MODELS, ModelError
+from .netlab import NetLabError
 
 
 def _err(msg: str) -> None:
@@ -70,9 +71,18 @@ def print_stats(result, file=sys.stderr) -> None:
 def cmd_plan(args) -> int:
     from .core.plan import format_plan
     cfg = _load(args)
-    plan, _ = _plan(cfg)
+    plan, info = _plan(cfg)
     print(f"config: {cfg.source}")
     print(format_plan(plan))
+    if args.measure:
+        import torch
+
+        from .core.chunk import measure_speed
+        device = args.device or cfg.coordinator.device
+        print(f"measuring this device ({device}, {torch.get_num_threads()} torch threads) ...", file=sys.stderr)
+        speed = measure_speed(info, dtype=cfg.model.dtype, device=device)
+        print(f"\nthis device: speed {speed:.0f} (decode layer-steps/s of this model). Write it as `speed: "
+              f"{speed:.0f}` of the chunks this device runs, and set cluster.placement: speed.")
     return 0
 
 
@@ -137,9 +147,15 @@ def cmd_bench(args) -> int:
     def ints(text):
         return [int(x) for x in text.split(",")] if text else None
     res = run_bench(quick=args.quick, pin=args.pin, threads=args.threads, model=args.model,
-                    out_dir=Path(args.out), ks=ints(args.k), ns=ints(args.n), tokens=args.tokens)
+                    out_dir=Path(args.out), ks=ints(args.k), ns=ints(args.n), tokens=args.tokens,
+                    netlab=args.netlab, rate=args.rate)
     ok = all(s["ok"] for ring in res["rings"] for s in ring["scenarios"])
     return 0 if ok else 1
+
+
+def cmd_netlab(args) -> int:
+    from .netlab import main
+    return main(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,8 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("plan", help="print which node runs which layers where")
+    p = sub.add_parser("plan", help="print which node runs which layers where, and weight memory per device")
     p.add_argument("--config", help="cluster config YAML (default: config/cluster.yaml)")
+    p.add_argument("--measure", action="store_true",
+                   help="also measure this device's speed (for `speed:` and cluster.placement: speed)")
+    p.add_argument("--device", help="device to measure (default: the coordinator's device)")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("model", help="prepare (convert) or list models")
@@ -194,7 +213,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pin", action="store_true", help="pin node i to core i mod cores")
     p.add_argument("--threads", type=int, help="torch threads per node (default: cores / nodes)")
     p.add_argument("--out", default="bench/results", help="where results go (default bench/results)")
+    p.add_argument("--netlab", action="store_true",
+                   help="run the ring across emulated devices (network namespaces, needs root), "
+                        "unshaped and rate-limited to --rate")
+    p.add_argument("--rate", default="20mbit", help="link rate limit for --netlab (tbf; default 20mbit)")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("netlab", help="emulated devices: network namespaces on a bridge, optional rate limit")
+    p.add_argument("--name", default="mdilab", help="lab name (namespace prefix; default mdilab)")
+    lsub = p.add_subparsers(dest="action", required=True)
+    lp = lsub.add_parser("up", help="create one namespace per host, linked by a bridge")
+    lp.add_argument("--hosts", default="robot_a,robot_b,robot_c,client", help="comma-separated host names")
+    lp.add_argument("--rate", help="rate-limit every link, e.g. 20mbit (tbf)")
+    lsub.add_parser("down", help="kill the lab's processes and delete its namespaces")
+    lsub.add_parser("status", help="namespaces, processes and link counters")
+    lsub.add_parser("probe", help="what this machine offers (namespaces, tbf, netem, fq_codel)")
+    lp = lsub.add_parser("shape", help="change the rate limit of every link")
+    lp.add_argument("--rate", help="e.g. 20mbit; omit to remove the limit")
+    lp = lsub.add_parser("exec", help="run a command on a host: netlab exec HOST -- CMD ...")
+    lp.add_argument("host")
+    lp.add_argument("cmd", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_netlab)
     return parser
 
 
@@ -204,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         return args.func(args)
-    except (ConfigError, ModelError) as exc:
+    except (ConfigError, ModelError, NetLabError) as exc:
         _err(str(exc))
         return 2
     except RequestError as exc:

@@ -190,6 +190,8 @@ def run_cli_client(cfg, params: GenerateParams, *, stream: bool, wait_s: float) 
     import rclpy
 
     from .cli import print_stats
+    from .core.config import apply_discovery_env
+    apply_discovery_env(cfg)             # same domain / discovery / transport as the cluster
     rclpy.init()
     node = rclpy.create_node(f"mdi_generate_client_{int(time.time() * 1000) % 10**9}")
     spin = BackgroundSpin(node)

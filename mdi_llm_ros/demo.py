@@ -50,7 +50,7 @@ def run_demo(cfg: ClusterConfig, clients: int = 4, max_new_tokens: int = 48) -> 
         procs = []
         for i in range(clients):
             cmd = [sys.executable, "-m", "mdi_llm_ros.robot_client", "--name", f"robot_{i + 1}", "--json",
-                   "--chat", "--max-new-tokens", str(max_new_tokens), "--namespace", cfg.namespace,
+                   "--chat", "--max-new-tokens", str(max_new_tokens), "--config", cfg.source,
                    PROMPTS[i % len(PROMPTS)]]
             procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
         print(f"[demo] {clients} robot clients are asking /generate at once (nodes load in ~10 s) ...",

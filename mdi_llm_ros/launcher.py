@@ -32,16 +32,21 @@ class NodeSpec:
     executable: str          # ros2 run mdi_llm_ros <executable>
     module: str              # python -m <module>
     parameters: dict
+    env: dict                # discovery settings from the config (ROS_DOMAIN_ID, ...)
+    prefix: tuple[str, ...] = ()   # e.g. ("ip", "netns", "exec", ns): where the process runs
 
     def command(self, python: str = sys.executable) -> list[str]:
-        args = [python, "-m", self.module, "--ros-args", "-r", f"__node:={self.name}"]
+        args = [*self.prefix, python, "-m", self.module, "--ros-args", "-r", f"__node:={self.name}"]
         for key, value in self.parameters.items():
             args += ["-p", f"{key}:={value}"]
         return args
 
 
 def node_specs(config_file: str | os.PathLike, host: str | None = None) -> list[NodeSpec]:
-    """The nodes to start for `host` (None: every host), coordinator first."""
+    """The nodes to start for `host` (None: every host), coordinator first.
+
+    Each carries the environment the config's discovery settings mean, so every
+    device started from the same file joins the same domain the same way."""
     config_file = str(Path(config_file).resolve())
     cfg = load_config(config_file)
     plan = make_plan(cfg, load_model_info(resolve_model_dir(cfg.model.name)))
@@ -51,7 +56,8 @@ def node_specs(config_file: str | os.PathLike, host: str | None = None) -> list[
         if n.role == "chunk":
             params["node_name"] = n.name
         specs.append(NodeSpec(name=n.name, role=n.role, host=n.host, executable=EXECUTABLES[n.role],
-                              module=f"mdi_llm_ros.nodes.{EXECUTABLES[n.role]}", parameters=params))
+                              module=f"mdi_llm_ros.nodes.{EXECUTABLES[n.role]}", parameters=params,
+                              env=cfg.discovery.env()))
     return specs
 
 
@@ -141,7 +147,7 @@ class Cluster:
         spec = self.specs[name]
         cores = self.affinity.get(name)
         proc = subprocess.Popen(spec.command(self.python), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, errors="replace", env=self.env, start_new_session=True,
+                                text=True, errors="replace", env={**self.env, **spec.env}, start_new_session=True,
                                 preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None)
         self.procs[name] = proc
         threading.Thread(target=self._pump, args=(name, proc), daemon=True).start()
@@ -228,7 +234,9 @@ def run_cluster(cfg: ClusterConfig, host: str | None = None, respawn: bool = Fal
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    cluster._log("launcher", f"host {host or '(all)'}: {len(specs)} nodes from {cfg.source}")
+    net = ", ".join(f"{k}={v}" for k, v in cfg.discovery.env().items())
+    cluster._log("launcher", f"host {host or '(all)'}: {len(specs)} nodes from {cfg.source}"
+                 + (f" ({net})" if net else ""))
     cluster.start()
     failed = None
     while not stop.wait(0.25):

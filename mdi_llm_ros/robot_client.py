@@ -16,7 +16,8 @@ from dataclasses import asdict
 import rclpy
 
 from .client import BackgroundSpin, GenerateClient
-from .core.errors import ErrorCode
+from .core.config import apply_discovery_env, load_config
+from .core.errors import ConfigError, ErrorCode
 
 
 def ask(node, prompt: str, namespace: str = "", ready_timeout_s: float = 120.0, **kwargs):
@@ -36,19 +37,30 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompt")
     p.add_argument("--name", default="robot_client", help="ROS node name of this robot")
-    p.add_argument("--namespace", default="", help="cluster namespace (cluster.namespace in the config)")
+    p.add_argument("--config", help="cluster config YAML: its namespace and discovery settings "
+                   "(domain id, discovery range, static peers, transport) are used")
+    p.add_argument("--namespace", default=None, help="cluster namespace (default: the config's, else none)")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=-1)
     p.add_argument("--chat", action="store_true", help="apply the chat template")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
     args = p.parse_args(argv)
+    namespace = args.namespace or ""
+    if args.config:
+        try:
+            cfg = load_config(args.config)
+        except ConfigError as exc:
+            print(f"{args.name}: {exc}", file=sys.stderr)
+            return 2
+        apply_discovery_env(cfg)         # before rclpy.init: DDS reads them when the context starts
+        namespace = cfg.namespace if args.namespace is None else args.namespace
     rclpy.init()
     node = rclpy.create_node(args.name)
     spin = BackgroundSpin(node)
     try:
         t0 = time.monotonic()
-        result = ask(node, args.prompt, args.namespace, use_chat_template=args.chat,
+        result = ask(node, args.prompt, namespace, use_chat_template=args.chat,
                      max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
         wall = time.monotonic() - t0
         if args.json:

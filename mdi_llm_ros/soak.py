@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import rclpy
 
 from .client import BackgroundSpin, GenerateClient, StreamPiece
-from .core.config import ClusterConfig
+from .core.config import ClusterConfig, apply_discovery_env
 from .core.plan import status_topic
 from .launcher import Cluster, node_specs
 
@@ -55,9 +55,14 @@ class StatusWatch:
     def _on(self, s) -> None:
         self.latest[s.name] = s
 
-    def fresh(self, wait_s: float = 1.5) -> dict:
+    def fresh(self, wait_s: float = 1.5, expect: int = 0, max_wait_s: float = 5.0) -> dict:
+        """Statuses published from now on: at least `wait_s`, and until `expect` nodes were heard
+        (a node busy computing may publish late) or `max_wait_s` passed."""
         self.latest.clear()
         time.sleep(wait_s)
+        end = time.monotonic() + max_wait_s - wait_s
+        while len(self.latest) < expect and time.monotonic() < end:
+            time.sleep(0.05)
         return dict(self.latest)
 
 
@@ -180,6 +185,7 @@ def soak_cluster(cfg: ClusterConfig, *, duration_s: float, clients: int) -> int:
     cluster.start()
     try:
         print(f"[soak] {clients} clients for {duration_s:.0f} s against {cfg.source} ...", file=sys.stderr)
+        apply_discovery_env(cfg)
         report = run_soak(cfg.namespace, duration_s=duration_s, clients=clients)
     finally:
         codes = cluster.stop()

@@ -85,6 +85,23 @@ def ros_node(ros_env):
     rclpy.shutdown(context=context)
 
 
+def hf_greedy_text(model_dir, prompt: str, chat: bool, n: int) -> tuple[str, int]:
+    """Plain transformers greedy generation: the reference the ring must equal token for token."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if chat:
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                      tokenize=True)
+        ids = ids if isinstance(ids, list) else ids["input_ids"]
+    else:
+        ids = tok(prompt).input_ids
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)[0, len(ids):]
+    return tok.decode(out, skip_special_tokens=True), len(out)
+
+
 def write_config(path: Path, model: str, chunks: list[dict], **sections) -> Path:
     import yaml
     data = {"model": {"name": str(model), "dtype": "float32", "max_context": 512}, "chunks": chunks}

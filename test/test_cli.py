@@ -26,6 +26,25 @@ def test_plan_reports_config_errors(tmp_path, tiny_dir):
     assert r.returncode == 2 and "chunks[0].layers" in r.stderr and "must end at 6" in r.stderr
 
 
+def test_plan_per_device_memory_and_rejection(tmp_path, smol_dir):
+    cfg = write_config(tmp_path / "c.yaml", "smollm2-135m-instruct",
+                       [{"name": "a", "host": "robot_a", "memory_mb": 400},
+                        {"name": "b", "host": "robot_b", "memory_mb": 200}],
+                       cluster={"placement": "memory"}, coordinator={"host": "robot_a"})
+    r = run(["plan", "--config", str(cfg)])
+    assert r.returncode == 0, r.stderr
+    assert "placement memory" in r.stdout and "[0, 20)" in r.stdout and "[20, 30)" in r.stdout
+    device_rows = r.stdout.split("weight memory per device:")[1]
+    assert "robot_a" in device_rows and "396.5" in device_rows    # head 113.2 + 20 layers 283.2
+    assert "robot_b" in device_rows and "141.6" in device_rows and "58.4" in device_rows  # headroom
+
+    cfg = write_config(tmp_path / "d.yaml", "smollm2-135m-instruct",
+                       [{"name": "a", "host": "robot_a"}, {"name": "b", "host": "robot_b", "memory_mb": 120}])
+    r = run(["plan", "--config", str(cfg)])
+    assert r.returncode == 2 and r.stdout == ""
+    assert "device 'robot_b'" in r.stderr and "short by 92.4 MB" in r.stderr, r.stderr
+
+
 def test_generate_local_prints_only_the_continuation(tmp_path, tiny_dir):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -47,7 +47,8 @@ def test_colcon_build(tmp_path):
 def test_node_specs_follow_the_plan(tmp_path, tiny_dir):
     from mdi_llm_ros.launcher import node_specs
     cfg = write_config(tmp_path / "c.yaml", tiny_dir, [{"name": "a", "host": "r1"}, {"name": "b", "host": "r2"}],
-                       coordinator={"host": "r2"})
+                       coordinator={"host": "r2"},
+                       cluster={"domain_id": 12, "static_peers": ["10.1.0.1", "10.1.0.2"], "transport": "udp"})
     all_specs = node_specs(cfg)
     assert [(s.name, s.executable, s.host) for s in all_specs] == [
         ("coordinator", "coordinator_node", "r2"), ("a", "chunk_node", "r1"), ("b", "chunk_node", "r2")]
@@ -56,6 +57,10 @@ def test_node_specs_follow_the_plan(tmp_path, tiny_dir):
     assert [s.name for s in node_specs(cfg, "r1")] == ["a"]
     cmd = all_specs[1].command("py")
     assert cmd[:3] == ["py", "-m", "mdi_llm_ros.nodes.chunk_node"] and "node_name:=a" in cmd
+    # every node on every device gets the config's discovery settings (the launch file passes
+    # them as additional_env; the pip launcher merges them into each child's environment)
+    assert all(s.env == {"ROS_DOMAIN_ID": "12", "ROS_STATIC_PEERS": "10.1.0.1;10.1.0.2",
+                         "FASTDDS_BUILTIN_TRANSPORTS": "UDPv4"} for s in all_specs)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("launch_ros") is None,

@@ -36,6 +36,17 @@ INVALID = [
     ("bad namespace", base(cluster={"namespace": "team a"}), "cluster.namespace"),
     ("string as number", base(coordinator={"queue_limit": "ten"}), "coordinator.queue_limit"),
     ("chunks first range not at 0", base(chunks=[{"name": "a", "layers": [1, 4]}]), "chunks[0].layers"),
+    ("domain id out of range", base(cluster={"domain_id": 300}), "cluster.domain_id"),
+    ("bad discovery range", base(cluster={"discovery_range": "LAN"}), "cluster.discovery_range"),
+    ("bad static peers", base(cluster={"static_peers": [1, 2]}), "cluster.static_peers"),
+    ("bad transport", base(cluster={"transport": "tcp"}), "cluster.transport"),
+    ("bad placement", base(cluster={"placement": "random"}), "cluster.placement"),
+    ("placement memory without memory_mb", base(cluster={"placement": "memory"},
+                                                chunks=[{"name": "a", "memory_mb": 100}, {"name": "b"}]),
+     "chunks[1].memory_mb"),
+    ("placement speed with weight", base(cluster={"placement": "speed"},
+                                         chunks=[{"name": "a", "speed": 1, "weight": 2}]), "chunks[0]"),
+    ("negative speed", base(chunks=[{"name": "a", "speed": -3}]), "chunks[0].speed"),
 ]
 
 
@@ -51,6 +62,21 @@ def test_valid_config_defaults():
     assert [c.name for c in cfg.chunks] == ["a", "b"]
     assert cfg.coordinator.max_inflight == 8 and cfg.model.dtype == "float32"
     assert cfg.namespace == ""
+
+
+def test_discovery_settings_become_environment():
+    from mdi_llm_ros.core.config import apply_discovery_env
+    cfg = parse_config(base(cluster={"domain_id": 7, "discovery_range": "localhost", "transport": "udp",
+                                     "static_peers": ["10.0.0.11", "robot_b.local"], "namespace": "team_a"}))
+    assert cfg.discovery.env() == {"ROS_DOMAIN_ID": "7", "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST",
+                                   "ROS_STATIC_PEERS": "10.0.0.11;robot_b.local",
+                                   "FASTDDS_BUILTIN_TRANSPORTS": "UDPv4"}
+    env = apply_discovery_env(cfg, {"ROS_DOMAIN_ID": "3", "PATH": "/bin"})
+    assert env["ROS_DOMAIN_ID"] == "7" and env["PATH"] == "/bin"
+    # unset keys inherit the environment: nothing is written for them
+    assert parse_config(base()).discovery.env() == {}
+    assert parse_config(base(cluster={"static_peers": "10.0.0.1;10.0.0.2"})).discovery.static_peers == \
+        ("10.0.0.1", "10.0.0.2")
 
 
 def test_default_config_file_is_valid(tmp_path):

@@ -54,6 +54,57 @@ def test_plan_rejects_bad_explicit_end_and_memory(smol_dir):
                                                             {"name": "b", "layers": [10, 20]}]})
     with pytest.raises(ConfigError, match=r"chunks\[1\].layers: .*must end at 30"):
         make_plan(cfg, info)
-    cfg = parse_config({"model": {"name": "x"}, "chunks": [{"name": "a", "memory_mb": 100}, {"name": "b"}]})
-    with pytest.raises(ConfigError, match=r"chunks\[0\].memory_mb: node 'a' .*short by 112.4 MB"):
+    cfg = parse_config({"model": {"name": "x"},
+                        "chunks": [{"name": "a", "host": "robot_a", "memory_mb": 100}, {"name": "b"}]})
+    with pytest.raises(ConfigError, match=r"chunks\[0\].memory_mb: device 'robot_a' \(node 'a'\) needs 212.4 MB"
+                                          r".*declares 100.0 MB, short by 112.4 MB"):
         make_plan(cfg, info)
+    cfg = parse_config({"model": {"name": "x"}, "coordinator": {"host": "base", "memory_mb": 50},
+                        "chunks": [{"name": "a"}]})
+    with pytest.raises(ConfigError, match=r"coordinator.memory_mb: device 'base' .*embedding \+ head.*short by 63.2 MB"):
+        make_plan(cfg, info)
+
+
+def test_placement_by_memory_and_speed(smol_dir):
+    info = load_model_info(smol_dir)                    # 30 layers of 14.16 MB (float32)
+    cfg = parse_config({"model": {"name": "x"}, "cluster": {"placement": "memory"},
+                        "chunks": [{"name": "big", "host": "r1", "memory_mb": 300},
+                                   {"name": "small", "host": "r2", "memory_mb": 150}]})
+    plan = make_plan(cfg, info)
+    assert [c.num_layers for c in plan.chunks] == [20, 10]          # 2:1, like the memory
+    text = format_plan(plan)
+    assert "weight memory per device" in text and "r1" in text and "283.2" in text   # 20 x 14.16 MB
+
+    # Speed first, but never more layers than a device's memory holds: the fast robot has
+    # room for 10 layers (150 MB), so the slower ones share the other 20 by speed.
+    cfg = parse_config({"model": {"name": "x"}, "cluster": {"placement": "speed"},
+                        "chunks": [{"name": "fast", "speed": 6, "memory_mb": 150},
+                                   {"name": "mid", "speed": 2}, {"name": "slow", "speed": 2}]})
+    assert [c.num_layers for c in make_plan(cfg, info).chunks] == [10, 10, 10]
+    cfg = parse_config({"model": {"name": "x"}, "cluster": {"placement": "speed"},
+                        "chunks": [{"name": "fast", "speed": 3}, {"name": "slow", "speed": 1}]})
+    assert [c.num_layers for c in make_plan(cfg, info).chunks] == [23, 7]           # 22.5 : 7.5
+
+    # Not enough memory on all devices together: refused, with what is missing.
+    cfg = parse_config({"model": {"name": "x"}, "cluster": {"placement": "speed"},
+                        "chunks": [{"name": "a", "speed": 1, "memory_mb": 150},
+                                   {"name": "b", "speed": 1, "memory_mb": 150}]})
+    with pytest.raises(ConfigError, match="holds 20 of the 30 layers"):
+        make_plan(cfg, info)
+    cfg = parse_config({"model": {"name": "x"}, "cluster": {"placement": "memory"},
+                        "chunks": [{"name": "a", "host": "r1", "memory_mb": 200},
+                                   {"name": "b", "host": "r2", "memory_mb": 200}]})
+    with pytest.raises(ConfigError, match=r"device 'r1' .*short by 12.4 MB"):
+        make_plan(cfg, info)
+
+
+@pytest.mark.parametrize("name", ["robots.yaml", "netlab.yaml"])
+def test_shipped_multi_device_configs_plan(smol_dir, name):
+    from pathlib import Path
+
+    from mdi_llm_ros.core.config import load_config
+    cfg = load_config(Path(__file__).resolve().parents[1] / "config" / name)
+    plan = make_plan(cfg, load_model_info(smol_dir))
+    assert plan.hosts == ["robot_a", "robot_b", "robot_c"]
+    assert cfg.discovery.env()["ROS_DOMAIN_ID"] == "42"
+    assert sum(n.num_layers for n in plan.chunks) == 30

@@ -7,32 +7,17 @@ import sys
 import time
 
 import pytest
-import torch
 
-from conftest import Proc, write_config
+from conftest import Proc, hf_greedy_text, write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.ros]
 
 PROMPTS = [("The three laws of robotics are", False), ("What is a robot?", True)]
 
 
-def expected_text(smol_dir, prompt, chat, n):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(smol_dir)
-    model = AutoModelForCausalLM.from_pretrained(smol_dir, dtype=torch.float32)
-    if chat:
-        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                      tokenize=True)
-        ids = ids if isinstance(ids, list) else ids["input_ids"]
-    else:
-        ids = tok(prompt).input_ids
-    out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)[0, len(ids):]
-    return tok.decode(out, skip_special_tokens=True), len(out)
-
-
 @pytest.fixture(scope="module")
 def references(smol_dir):
-    return {p: expected_text(smol_dir, p, chat, 24) for p, chat in PROMPTS}
+    return {p: hf_greedy_text(smol_dir, p, chat, 24) for p, chat in PROMPTS}
 
 
 @pytest.fixture

@@ -252,3 +252,26 @@ class ChunkExecutor:
             for rid in stale:
                 del self.caches[rid]
         return stale
+
+
+def measure_speed(info: ModelInfo, *, dtype: str = "float32", device: str = "cpu", layers: int = 2,
+                  steps: int = 32) -> float:
+    """This device's decode speed in layer-steps per second, for `speed:` and placement: speed.
+
+    Runs `layers` real decoder layers of the model for a short prompt and `steps`
+    single-token steps: the same work a chunk node does per generated token.
+    """
+    end = min(layers, info.num_layers)
+    chunk = ChunkExecutor(info, 0, end, device=device, dtype=dtype)
+    hidden_size = info.config.hidden_size
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randn((1, 16, hidden_size), generator=gen).to(chunk.device, chunk.dtype)  # (1, seq, hidden)
+    chunk.forward(0, 0, 0, prompt)
+    token = torch.randn((1, 1, hidden_size), generator=gen).to(chunk.device, chunk.dtype)   # (1, 1, hidden)
+    chunk.forward(0, 1, 16, token)                                                          # warm-up step
+    t0 = time.perf_counter()
+    for step in range(2, steps + 2):
+        chunk.forward(0, step, 15 + step, token)
+    elapsed = time.perf_counter() - t0
+    chunk.release(0)
+    return steps * end / elapsed

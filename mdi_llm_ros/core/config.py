@@ -17,6 +17,10 @@ import yaml
 from .errors import ConfigError
 
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+DISCOVERY_RANGES = ("SUBNET", "LOCALHOST", "OFF", "SYSTEM_DEFAULT")
+# cluster.transport -> FASTDDS_BUILTIN_TRANSPORTS ("default": leave Fast DDS's own choice)
+TRANSPORTS = {"default": None, "udp": "UDPv4", "shm": "SHM", "large_data": "LARGE_DATA"}
+PLACEMENTS = ("weight", "memory", "speed")
 DEFAULT_CONFIG_NAME = "cluster.yaml"
 
 
@@ -48,6 +52,7 @@ class CoordinatorConfig:
     heartbeat_timeout_s: float = 3.0
     ready_timeout_s: float = 120.0
     threads: int | None = None
+    memory_mb: float | None = None         # declared memory budget for embedding + head (+ layers)
     defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
 
 
@@ -59,9 +64,34 @@ class ChunkConfig:
     layers: tuple[int, int] | None = None  # explicit [start, end)
     weight: float | None = None            # relative share for automatic splitting
     memory_mb: float | None = None         # declared device memory budget for weights
+    speed: float | None = None             # relative device speed (placement: speed)
     threads: int | None = None
     max_cached_requests: int = 64
     cache_idle_timeout_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class DiscoveryConfig:
+    """How the devices find each other: every node and client started from the
+    config gets these as ROS / Fast DDS environment variables (None: inherit)."""
+
+    domain_id: int | None = None           # ROS_DOMAIN_ID
+    discovery_range: str | None = None     # ROS_AUTOMATIC_DISCOVERY_RANGE
+    static_peers: tuple[str, ...] = ()     # ROS_STATIC_PEERS (unicast discovery, no multicast needed)
+    transport: str = "default"             # FASTDDS_BUILTIN_TRANSPORTS via TRANSPORTS
+
+    def env(self) -> dict[str, str]:
+        """The environment variables these settings mean."""
+        out: dict[str, str] = {}
+        if self.domain_id is not None:
+            out["ROS_DOMAIN_ID"] = str(self.domain_id)
+        if self.discovery_range is not None:
+            out["ROS_AUTOMATIC_DISCOVERY_RANGE"] = self.discovery_range
+        if self.static_peers:
+            out["ROS_STATIC_PEERS"] = ";".join(self.static_peers)
+        if TRANSPORTS[self.transport]:
+            out["FASTDDS_BUILTIN_TRANSPORTS"] = TRANSPORTS[self.transport]
+        return out
 
 
 @dataclass(frozen=True)
@@ -71,7 +101,16 @@ class ClusterConfig:
     coordinator: CoordinatorConfig
     chunks: tuple[ChunkConfig, ...]
     heartbeat_period_s: float = 0.5
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
+    placement: str = "weight"
     source: str = "<dict>"
+
+
+def apply_discovery_env(config: ClusterConfig, env: dict | None = None) -> dict:
+    """Put the config's discovery settings into `env` (default: os.environ), before rclpy.init."""
+    target = os.environ if env is None else env
+    target.update(config.discovery.env())
+    return target
 
 
 # --- validation helpers --------------------------------------------------------
@@ -161,7 +200,9 @@ def parse_config(data: Any, source: str = "<dict>") -> ClusterConfig:
     top = _check_keys(data, "config", {"cluster", "model", "coordinator", "chunks"},
                       {"model", "chunks"})
 
-    cluster = _check_keys(top.get("cluster", {}) or {}, "cluster", {"namespace", "heartbeat_period_s"})
+    cluster = _check_keys(top.get("cluster", {}) or {}, "cluster",
+                          {"namespace", "heartbeat_period_s", "domain_id", "discovery_range", "static_peers",
+                           "transport", "placement"})
     namespace = cluster.get("namespace", "")
     if not isinstance(namespace, str) or (namespace and not all(
             part.replace("_", "a").isalnum() and part[0].isalpha()
@@ -169,6 +210,10 @@ def parse_config(data: Any, source: str = "<dict>") -> ClusterConfig:
         raise ConfigError(
             f"cluster.namespace: {namespace!r} is not a valid ROS namespace; use e.g. 'team_a' or ''")
     heartbeat = _float(cluster, "heartbeat_period_s", "cluster", 0.5, positive=True)
+    discovery = _discovery(cluster)
+    placement = cluster.get("placement", "weight")
+    if placement not in PLACEMENTS:
+        raise ConfigError(f"cluster.placement: {placement!r} is not a placement; use one of {', '.join(PLACEMENTS)}")
 
     m = _check_keys(top["model"], "model", {"name", "dtype", "max_context"}, {"name"})
     dtype = m.get("dtype", "float32")
@@ -179,7 +224,7 @@ def parse_config(data: Any, source: str = "<dict>") -> ClusterConfig:
 
     c = _check_keys(top.get("coordinator", {}) or {}, "coordinator",
                     {"host", "device", "layers", "max_inflight", "queue_limit", "request_timeout_s",
-                     "heartbeat_timeout_s", "ready_timeout_s", "threads", "defaults"})
+                     "heartbeat_timeout_s", "ready_timeout_s", "threads", "memory_mb", "defaults"})
     coord_layers = _layers(c, "coordinator")
     if coord_layers is not None and coord_layers[0] != 0:
         raise ConfigError(
@@ -202,6 +247,7 @@ def parse_config(data: Any, source: str = "<dict>") -> ClusterConfig:
         heartbeat_timeout_s=_float(c, "heartbeat_timeout_s", "coordinator", 3.0, positive=True),
         ready_timeout_s=_float(c, "ready_timeout_s", "coordinator", 120.0, positive=True),
         threads=_int(c, "threads", "coordinator", None, minimum=1),
+        memory_mb=_float(c, "memory_mb", "coordinator", None, positive=True),
         defaults=defaults)
 
     raw_chunks = top["chunks"]
@@ -211,7 +257,7 @@ def parse_config(data: Any, source: str = "<dict>") -> ClusterConfig:
     names = set()
     for i, ch in enumerate(raw_chunks):
         where = f"chunks[{i}]"
-        _check_keys(ch, where, {"name", "host", "device", "layers", "weight", "memory_mb", "threads",
+        _check_keys(ch, where, {"name", "host", "device", "layers", "weight", "memory_mb", "speed", "threads",
                                 "max_cached_requests", "cache_idle_timeout_s"})
         name = _name(ch, "name", where, f"chunk_{i}")
         if name in names or name == "coordinator":
@@ -225,6 +271,7 @@ def parse_config(data: Any, source: str = "<dict>") -> ClusterConfig:
             name=name, host=_name(ch, "host", where, "localhost"), device=_device(ch, where, "cpu"),
             layers=layers, weight=weight,
             memory_mb=_float(ch, "memory_mb", where, None, positive=True),
+            speed=_float(ch, "speed", where, None, positive=True),
             threads=_int(ch, "threads", where, None, minimum=1),
             max_cached_requests=_int(ch, "max_cached_requests", where, 64, minimum=1),
             cache_idle_timeout_s=_float(ch, "cache_idle_timeout_s", where, 600.0, positive=True)))
@@ -235,6 +282,17 @@ def parse_config(data: Any, source: str = "<dict>") -> ClusterConfig:
         raise ConfigError(
             f"{missing[0]}.layers: some chunks give explicit layers and others do not; "
             "give layers to every chunk, or use weight for all of them")
+    if placement != "weight":
+        key = "memory_mb" if placement == "memory" else "speed"
+        for i, ch in enumerate(chunks):
+            if ch.layers is not None or ch.weight is not None:
+                raise ConfigError(
+                    f"chunks[{i}]: cluster.placement is {placement!r}, so layers come from each chunk's "
+                    f"{key}; remove its {'layers' if ch.layers is not None else 'weight'}")
+            if getattr(ch, key) is None:
+                raise ConfigError(
+                    f"chunks[{i}].{key}: required when cluster.placement is {placement!r} "
+                    f"(layers are split in proportion to it)")
     if all(explicit):
         expected = coordinator.layers[1] if coordinator.layers else 0
         for i, ch in enumerate(chunks):
@@ -247,7 +305,31 @@ def parse_config(data: Any, source: str = "<dict>") -> ClusterConfig:
             expected = end
 
     return ClusterConfig(namespace=namespace.strip("/"), model=model, coordinator=coordinator,
-                         chunks=tuple(chunks), heartbeat_period_s=heartbeat, source=source)
+                         chunks=tuple(chunks), heartbeat_period_s=heartbeat, discovery=discovery,
+                         placement=placement, source=source)
+
+
+def _discovery(cluster: dict) -> DiscoveryConfig:
+    domain_id = _int(cluster, "domain_id", "cluster", None, minimum=0)
+    if domain_id is not None and domain_id > 232:
+        raise ConfigError(f"cluster.domain_id: {domain_id} is out of range; ROS 2 domain ids are 0..232 "
+                          "(0..101 is safe on every Linux)")
+    rng = cluster.get("discovery_range")
+    if rng is not None and (not isinstance(rng, str) or rng.upper() not in DISCOVERY_RANGES):
+        raise ConfigError(f"cluster.discovery_range: {rng!r} is not a range; use one of "
+                          f"{', '.join(DISCOVERY_RANGES)} (or leave it out to inherit the environment)")
+    peers = cluster.get("static_peers", []) or []
+    if isinstance(peers, str):
+        peers = [p for p in peers.replace(",", ";").split(";") if p.strip()]
+    if not isinstance(peers, list) or not all(isinstance(p, str) and p.strip() and " " not in p.strip()
+                                              for p in peers):
+        raise ConfigError(f"cluster.static_peers: expected a list of addresses or host names, got {peers!r}")
+    transport = cluster.get("transport", "default")
+    if transport not in TRANSPORTS:
+        raise ConfigError(f"cluster.transport: {transport!r} is not a transport; use one of "
+                          f"{', '.join(TRANSPORTS)}")
+    return DiscoveryConfig(domain_id=domain_id, discovery_range=rng.upper() if rng else None,
+                           static_peers=tuple(p.strip() for p in peers), transport=transport)
 
 
 def load_config(path: str | os.PathLike) -> ClusterConfig:

@@ -185,10 +185,15 @@ class ModelInfo:
 _SAFETENSORS_ELEM = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "U8": 1, "I8": 1}
 
 
-def _read_safetensors_header(path: Path) -> dict:
+def _safetensors_layout(path: Path) -> tuple[dict, int]:
+    """A safetensors file's header (tensor name -> dtype, shape, data_offsets) and where data starts."""
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
-        return json.loads(f.read(n))
+        return json.loads(f.read(n)), 8 + n
+
+
+def _read_safetensors_header(path: Path) -> dict:
+    return _safetensors_layout(path)[0]
 
 
 def load_model_info(path: Path) -> ModelInfo:
@@ -228,7 +233,12 @@ class TensorReader:
         self.names_read: list[str] = []
 
     def read(self, names: Iterable[str], dtype: torch.dtype, device: str = "cpu") -> dict[str, torch.Tensor]:
-        from safetensors import safe_open
+        """The named tensors in `dtype` on `device`.
+
+        Plain reads into freshly allocated tensors, not a memory map: mapped file pages
+        would count in the process's resident memory next to the copies, doubling a
+        node's peak memory while it loads.
+        """
         by_file: dict[str, list[str]] = {}
         for n in names:
             if n not in self.info.tensor_files:
@@ -236,11 +246,36 @@ class TensorReader:
             by_file.setdefault(self.info.tensor_files[n], []).append(n)
         out: dict[str, torch.Tensor] = {}
         for fname, group in by_file.items():
-            with safe_open(str(self.info.path / fname), framework="pt", device="cpu") as f:
-                for n in group:
-                    out[n] = f.get_tensor(n).to(device=device, dtype=dtype)
+            path = self.info.path / fname
+            header, data_start = _safetensors_layout(path)
+            with open(path, "rb", buffering=0) as f:
+                for n in sorted(group, key=lambda n: header[n]["data_offsets"][0]):
+                    meta = header[n]
+                    stored = _SAFETENSORS_DTYPES.get(meta["dtype"])
+                    if stored is None:
+                        raise ModelError(f"tensor {n!r} in {path} has dtype {meta['dtype']}, which is not supported")
+                    start, end = meta["data_offsets"]
+                    tensor = torch.empty(meta["shape"], dtype=stored)
+                    buf = tensor.view(-1).view(torch.uint8).numpy() if tensor.numel() else None
+                    if buf is not None:
+                        if buf.nbytes != end - start:
+                            raise ModelError(f"tensor {n!r} in {path}: {end - start} bytes for shape {meta['shape']}")
+                        f.seek(data_start + start)
+                        view = memoryview(buf)
+                        got = 0
+                        while got < len(view):
+                            k = f.readinto(view[got:])
+                            if not k:
+                                raise ModelError(f"{path} is truncated (tensor {n!r}); prepare the model again")
+                            got += k
+                    out[n] = tensor.to(device=device, dtype=dtype)
                     self.names_read.append(n)
         return out
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+                       "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "I8": torch.int8,
+                       "BOOL": torch.bool}
 
 
 def meta_model(config) -> torch.nn.Module:

@@ -6,7 +6,7 @@ topics connect them into a ring.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .config import ClusterConfig
 from .errors import ConfigError
@@ -119,6 +119,38 @@ def split_by_weight(num_layers: int, weights: list[float]) -> list[tuple[int, in
     return ranges
 
 
+def split_capped(num_layers: int, weights: list[float], caps: list[int | None]) -> list[tuple[int, int]]:
+    """Like split_by_weight, but no chunk gets more than its cap (layers that fit its memory).
+
+    A chunk whose proportional share exceeds its cap is fixed at the cap and the rest is
+    split again among the others, so slow-but-large and fast-but-small devices both fit.
+    Raises ConfigError when the caps together hold fewer layers than the model has.
+    """
+    n = len(weights)
+    fixed: dict[int, int] = {}
+    while True:
+        free = [i for i in range(n) if i not in fixed]
+        left = num_layers - sum(fixed.values())
+        if not free or left < len(free):
+            break
+        shares = split_by_weight(left, [weights[i] for i in free])
+        over = [i for i, (s, e) in zip(free, shares) if caps[i] is not None and e - s > caps[i]]
+        if not over:
+            counts = dict(fixed)
+            counts.update({i: e - s for i, (s, e) in zip(free, shares)})
+            ranges, start = [], 0
+            for i in range(n):
+                ranges.append((start, start + counts[i]))
+                start += counts[i]
+            return ranges
+        for i in over:
+            fixed[i] = caps[i]  # type: ignore[assignment]
+    room = sum(c for c in caps if c is not None)
+    raise ConfigError(
+        f"chunks: the declared memory_mb of the chunk nodes holds {room} of the {num_layers} layers they "
+        "must share; add memory_mb, add a chunk node, or give the coordinator layers")
+
+
 def make_plan(config: ClusterConfig, info) -> ClusterPlan:
     """Assign layers, devices and ring topics to every node.
 
@@ -137,11 +169,19 @@ def make_plan(config: ClusterConfig, info) -> ClusterPlan:
             raise ConfigError(
                 f"chunks[{len(ranges) - 1}].layers: ranges end at layer {last_end} but the model has "
                 f"{L} layers; the last chunk must end at {L}")
-    else:
-        weights = [c.weight if c.weight is not None else 1.0 for c in config.chunks]
-        ranges = [(first + s, first + e) for s, e in split_by_weight(L - first, weights)]
-
     dtype_bytes = DTYPE_BYTES[config.model.dtype]
+    if config.chunks[0].layers is None:
+        if config.placement == "memory":
+            weights = [c.memory_mb for c in config.chunks]
+        elif config.placement == "speed":
+            weights = [c.speed for c in config.chunks]
+        else:
+            weights = [c.weight if c.weight is not None else 1.0 for c in config.chunks]
+        per_layer = max(info.layer_bytes(i, dtype_bytes) for i in range(L))
+        caps = [int(c.memory_mb * 1e6 // per_layer) if c.memory_mb is not None and config.placement == "speed"
+                else None for c in config.chunks]
+        ranges = [(first + s, first + e) for s, e in split_capped(L - first, weights, caps)]
+
     ns = config.namespace
     k = len(config.chunks)
     max_context = min(config.model.max_context or info.max_positions, info.max_positions)
@@ -167,13 +207,18 @@ def make_plan(config: ClusterConfig, info) -> ClusterPlan:
             prev_node=config.chunks[i - 1].name if i > 0 else COORDINATOR,
             next_node=config.chunks[i + 1].name if i + 1 < k else COORDINATOR,
             weight_bytes=layer_bytes(start, end), threads=ch.threads, memory_mb=ch.memory_mb))
-    for i, node in enumerate(nodes[1:]):
+    nodes[0] = replace(nodes[0], memory_mb=c.memory_mb)
+    for i, node in enumerate(nodes):
         if node.memory_mb is not None and node.weight_bytes > node.memory_mb * 1e6:
             short = node.weight_bytes / 1e6 - node.memory_mb
+            key = "coordinator.memory_mb" if i == 0 else f"chunks[{i - 1}].memory_mb"
+            what = "embedding + head" + (" + layers" if node.num_layers else "") if i == 0 else \
+                f"{node.num_layers} layers"
             raise ConfigError(
-                f"chunks[{i}].memory_mb: node {node.name!r} on host {node.host!r} needs "
-                f"{node.weight_bytes / 1e6:.1f} MB of weights but declares {node.memory_mb:.1f} MB "
-                f"(short by {short:.1f} MB); give it fewer layers or more memory")
+                f"{key}: device {node.host!r} (node {node.name!r}) needs {node.weight_bytes / 1e6:.1f} MB "
+                f"for its weights ({what}) but declares {node.memory_mb:.1f} MB, short by {short:.1f} MB; "
+                "give it fewer layers (layers/weight, or cluster.placement: memory), more memory, "
+                "or add a device")
     return ClusterPlan(config=config, model_path=str(info.path), num_layers=L, dtype=config.model.dtype,
                        max_context=max_context, nodes=tuple(nodes))
 
@@ -185,9 +230,26 @@ def format_plan(plan: ClusterPlan) -> str:
         layers = f"[{n.layer_start}, {n.layer_end})" if n.num_layers else "-"
         rows.append((n.name, n.role, n.host, n.device, layers, str(n.num_layers),
                      f"{n.weight_bytes / 1e6:.1f}", n.inbound_topic, n.outbound_topic))
+    head = (f"model {plan.model_path} ({plan.num_layers} layers, {plan.dtype}, context {plan.max_context}); "
+            f"ring of {len(plan.chunks)} chunk nodes; namespace {plan.config.namespace or '(none)'}; "
+            f"placement {plan.config.placement}")
+    devices = [("device (host)", "nodes", "weights MB", "declared MB", "headroom MB")]
+    for host in plan.hosts:
+        on = [n for n in plan.nodes if n.host == host]
+        weights = sum(n.weight_bytes for n in on) / 1e6
+        declared = [n.memory_mb for n in on if n.memory_mb is not None]
+        total = sum(declared) if declared else None
+        devices.append((host, ", ".join(n.name for n in on), f"{weights:.1f}",
+                        f"{total:.0f}" if total is not None else "-",
+                        f"{total - weights:.1f}" if total is not None and len(declared) == len(on) else "-"))
+    env = plan.config.discovery.env()
+    net = ", ".join(f"{k}={v}" for k, v in env.items()) or "(inherited from the environment)"
+    return "\n".join([head, _table(rows), "", "weight memory per device:", _table(devices), "",
+                      f"discovery: {net}"])
+
+
+def _table(rows: list[tuple[str, ...]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    head = (f"model {plan.model_path} ({plan.num_layers} layers, {plan.dtype}, context {plan.max_context}); "
-            f"ring of {len(plan.chunks)} chunk nodes; namespace {plan.config.namespace or '(none)'}")
-    return head + "\n" + "\n".join(lines)
+    return "\n".join(lines)
