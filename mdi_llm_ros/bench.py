@@ -120,7 +120,7 @@ def drive_main(argv: list[str]) -> int:
         t0 = time.perf_counter()
 
         def call(i: int) -> None:
-            results[i] = clients[i].generate(PROMPTS[i % len(PROMPTS)], max_new_tokens=tokens, timeout_s=1800)
+            results[i] = clients[i].generate(PROMPTS[i % len(PROMPTS)], max_new_tokens=tokens, timeout_s=900)
 
         workers = [threading.Thread(target=call, args=(i,)) for i in range(n)]
         for w in workers:

@@ -50,6 +50,10 @@ def to_result(r) -> GenerationResult:
 
 
 REPLY_DEPTH = 100
+# rmw_fastrtps drops a reply when the server has not yet matched the caller's reply reader
+# 100 ms after the request (ros2/rmw_fastrtps#390, #467); discovery under full CPU load can
+# take longer. A new client therefore waits this long after first seeing the server.
+SETTLE_S = 0.75
 
 
 @dataclass
@@ -73,6 +77,13 @@ class GenerateClient:
         self._act = ActionClient(node, GenerateAction, self.action, goal_service_qos_profile=qos,
                                  result_service_qos_profile=qos, cancel_service_qos_profile=qos,
                                  feedback_sub_qos_profile=qos)
+        self._settled_at: float | None = None
+
+    def _settle(self) -> None:
+        """Before the first call: give the server time to discover this client's reply reader."""
+        if self._settled_at is None:
+            self._settled_at = time.monotonic() + SETTLE_S
+        time.sleep(max(0.0, self._settled_at - time.monotonic()))
 
     def wait_for_service(self, timeout_s: float) -> bool:
         return self._srv.wait_for_service(timeout_sec=timeout_s)
@@ -87,6 +98,7 @@ class GenerateClient:
         # (DDS delivers nothing to readers it has not discovered yet): wait for them first.
         if not self._srv.wait_for_service(timeout_sec=min(timeout_s, 30.0)):
             return GenerationResult.failure(ErrorCode.NOT_READY, f"no {self.service} on this ROS domain; is the cluster running?")
+        self._settle()
         future = self._srv.call_async(fill_request(Generate.Request(), params))
         if not _wait_future(future, timeout_s):
             self._srv.remove_pending_request(future)
@@ -113,6 +125,7 @@ class GenerateClient:
         if not self._act.wait_for_server(timeout_sec=min(timeout_s, 30.0)):
             yield GenerationResult.failure(ErrorCode.NOT_READY, f"no {self.action} on this ROS domain; is the cluster running?")
             return
+        self._settle()
         send = self._act.send_goal_async(goal, feedback_callback=on_feedback)
         if not _wait_future(send, timeout_s):
             yield GenerationResult.failure(ErrorCode.TIMEOUT, f"{self.action} did not answer the goal in {timeout_s:.0f} s")

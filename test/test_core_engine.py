@@ -22,11 +22,11 @@ PARTITIONS = {
 }
 
 
-def ring_for(model_dir, coordinator, chunks, **coord_extra):
+def ring_for(model_dir, coordinator, chunks, waves=0, **coord_extra):
     cfg = parse_config({"model": {"name": str(model_dir), "max_context": 256},
                         "coordinator": {**coordinator, **coord_extra}, "chunks": chunks})
     info = load_model_info(model_dir)
-    return LocalRing(make_plan(cfg, info), info)
+    return LocalRing(make_plan(cfg, info), info, waves=waves)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral"])
@@ -99,19 +99,26 @@ def test_smollm2_chunk_memory_share(smol_dir):
     assert all(n.startswith(tuple(f"model.layers.{i}." for i in range(10, 20))) for n in reader.names_read)
 
 
-def test_concurrent_requests_match_solo_runs(tiny_dir):
-    """8 requests with different lengths/sampling/seeds in flight at once == each run alone."""
+@pytest.mark.parametrize("waves", [0, 3])
+def test_concurrent_requests_match_solo_runs(tiny_dir, waves):
+    """8 requests with different lengths/sampling/seeds in flight at once == each run alone;
+    with waves, they travel in 3 groups, each one micro-batch at every chunk."""
     chunks = [{"name": "a", "layers": [0, 2]}, {"name": "b", "layers": [2, 4]}, {"name": "c", "layers": [4, 6]}]
     prompts = ["Hello robot", "The kitchen is", "Move forward two meters and then", "A",
                "Battery low, return to", "Sensors report an obstacle at", "Map the room", "Once upon a time"]
     params = [GenerateParams(p, max_new_tokens=6 + 3 * i, temperature=0.0 if i % 3 == 0 else 0.7 + 0.1 * i,
                              top_k=0 if i % 2 else 40, top_p=1.0 if i % 4 else 0.9, seed=100 + i)
               for i, p in enumerate(prompts)]
-    ring = ring_for(tiny_dir, {}, chunks, max_inflight=8)
+    ring = ring_for(tiny_dir, {}, chunks, waves=waves, max_inflight=8)
     handles = [ring.submit(p) for p in params]
     assert ring.scheduler.inflight == 8
     together = ring.run(handles)
     assert ring.scheduler.max_inflight_seen == 8
+    stats = ring.handlers[1].executor.stats
+    if waves:   # 8 requests of different lengths in 3 waves: decode steps meet in micro-batches
+        assert stats.decode_tokens / stats.decode_forwards > 1.5
+    else:       # one message per request: no two decode steps meet at a chunk
+        assert stats.decode_forwards == stats.decode_tokens
     solo_ring = ring_for(tiny_dir, {}, chunks)
     for p, r in zip(params, together):
         alone = solo_ring.generate(p)
@@ -238,3 +245,26 @@ def test_micro_batched_decode_matches_one_by_one(tiny_dir):
     res = many.forward_decode_batch([(0, 6, lengths[0] + 5, torch.randn(1, 1, 64)), (99, 1, 3, torch.randn(1, 1, 64))])
     assert isinstance(res[1], ActivationRejected) and res[1].cause == "unknown_request"
     assert isinstance(res[0], torch.Tensor) and many.caches[0].length == lengths[0] + 6
+
+
+def test_wave_waits_for_its_members_then_gives_up_on_a_straggler(tiny_dir):
+    """A wave's next step leaves only when all its members are back; a member that does not come
+    back within wave_hold_s no longer holds the others (poll sends them)."""
+    chunks = [{"name": "a", "layers": [0, 3]}, {"name": "b", "layers": [3, 6]}]
+    ring = ring_for(tiny_dir, {}, chunks, waves=1, max_inflight=4)
+    now = [100.0]
+    ring.scheduler.clock = lambda: now[0]
+    params = [GenerateParams("Hello robot", max_new_tokens=5), GenerateParams("The kitchen is", max_new_tokens=5)]
+    handles = [ring.submit(p) for p in params]
+    straggler = ring._queue.pop()                 # B's prefill is held back (a slow or lost hop)
+    ring.pump()                                   # A comes back, samples its first token ...
+    assert not ring._queue                        # ... and waits for B
+    ring.scheduler.poll()
+    assert not ring._queue                        # not yet: within wave_hold_s
+    now[0] += ring.scheduler.wave_hold_s + 0.01
+    ring.scheduler.poll()
+    assert len(ring._queue) == 1                  # A went on alone
+    ring._queue.append(straggler)                 # B arrives late and rejoins the wave
+    results = ring.run(handles)
+    solo = ring_for(tiny_dir, {}, chunks)
+    assert [r.token_ids for r in results] == [solo.generate(p).token_ids for p in params]

@@ -108,3 +108,18 @@ def test_shipped_multi_device_configs_plan(smol_dir, name):
     assert plan.hosts == ["robot_a", "robot_b", "robot_c"]
     assert cfg.discovery.env()["ROS_DOMAIN_ID"] == "42"
     assert sum(n.num_layers for n in plan.chunks) == 30
+
+
+def test_waves_default_to_devices_that_can_compute_at_once(smol_dir):
+    info = load_model_info(smol_dir)
+
+    def plan(hosts, **coordinator):
+        return make_plan(parse_config({"model": {"name": "x"}, "coordinator": {"host": "a", **coordinator},
+                                       "chunks": [{"name": f"c{i}", "host": h} for i, h in enumerate(hosts)]}), info)
+    assert plan(["a", "a", "a"]).waves(local_cores=2) == 2      # three chunks share two cores
+    assert plan(["a", "a", "a"]).waves(local_cores=8) == 3
+    assert plan(["a", "b", "c"]).waves(local_cores=2) == 3      # one per device
+    assert plan(["a"]).waves(local_cores=2) == 1
+    assert plan(["a", "b"], waves=0).waves(local_cores=2) == 0  # off: every request on its own
+    with pytest.raises(ConfigError, match="coordinator.waves"):
+        parse_config({"model": {"name": "x"}, "coordinator": {"waves": -1}, "chunks": [{"name": "c"}]})

@@ -126,8 +126,8 @@ def test_malformed_activations_are_dropped_and_counted(ros_env, tmp_path, tiny_d
 
     from mdi_llm_ros.client import GenerateClient
     from mdi_llm_ros.core.ring import KIND_DECODE, HopMessage
-    from mdi_llm_ros.msg import Activation
-    from mdi_llm_ros.nodes.common import RING_QOS, to_msg
+    from mdi_llm_ros.msg import ActivationBatch
+    from mdi_llm_ros.nodes.common import RING_QOS, to_batch_msg
     cfg = write_config(tmp_path / "c.yaml", tiny_dir, [{"name": "a"}, {"name": "b"}, {"name": "c"}])
     proc = start(ros_env, tmp_path, cfg)
     try:
@@ -136,7 +136,7 @@ def test_malformed_activations_are_dropped_and_counted(ros_env, tmp_path, tiny_d
         first = client.generate("The robot", max_new_tokens=20)          # request 1, then released
         assert first.success
         epoch = statuses(ros_node)["coordinator"].epoch
-        pubs = [ros_node.create_publisher(Activation, f"/mdi/ring/hop_{h}", RING_QOS) for h in range(3)]
+        pubs = [ros_node.create_publisher(ActivationBatch, f"/mdi/ring/hop_{h}", RING_QOS) for h in range(3)]
         time.sleep(1.0)
         good = dict(cluster="", epoch=epoch, request_id=10**6, step=1, first_position=5, kind=KIND_DECODE)
         vec = torch.randn(1, 1, 64)
@@ -151,15 +151,19 @@ def test_malformed_activations_are_dropped_and_counted(ros_env, tmp_path, tiny_d
         t = threading.Thread(target=lambda: results.update(
             r=[client.generate(p, max_new_tokens=40) for p in ("The robot", "Map the room")]))
         t.start()
+        bundle: list = []
         for i in range(220):
-            hop = i % 3
+            hop = (i // 2) % 3                      # pairs of bad hops travel in one message
             v = variants[i % len(variants)]
             msg = HopMessage.with_tensor(vec, hop=hop, **good)
             for k, val in v.items():
                 setattr(msg, k, val)
-            pubs[hop].publish(to_msg(msg))
+            bundle.append(msg)
             injected += 1
-            time.sleep(0.005)
+            if len(bundle) == 2:
+                pubs[hop].publish(to_batch_msg(bundle))
+                bundle = []
+                time.sleep(0.01)
         t.join(120)
         assert [r.text for r in results["r"]] == [reference(tiny_dir, p, 40) for p in ("The robot", "Map the room")]
         time.sleep(1.0)

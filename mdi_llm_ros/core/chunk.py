@@ -91,6 +91,8 @@ class BatchedCacheView:
 @dataclass
 class ChunkStats:
     tokens_processed: int = 0
+    decode_forwards: int = 0          # decode forwards run; decode tokens / this = mean micro-batch
+    decode_tokens: int = 0
     bytes_received: int = 0
     busy_seconds: float = 0.0
     drops: dict[str, int] = field(default_factory=dict)
@@ -168,6 +170,8 @@ class ChunkExecutor:
                     out[i] = exc
         if not good:
             return out
+        self.stats.decode_forwards += 1
+        self.stats.decode_tokens += len(good)
         if len(good) == 1:
             i = good[0]
             rid, step, position, hidden = items[i]

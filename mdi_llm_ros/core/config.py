@@ -53,6 +53,7 @@ class CoordinatorConfig:
     ready_timeout_s: float = 120.0
     threads: int | None = None
     memory_mb: float | None = None         # declared memory budget for embedding + head (+ layers)
+    waves: int | None = None               # None: auto (plan.default_waves); 0: off
     defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
 
 
@@ -224,7 +225,7 @@ def parse_config(data: Any, source: str = "<dict>") -> ClusterConfig:
 
     c = _check_keys(top.get("coordinator", {}) or {}, "coordinator",
                     {"host", "device", "layers", "max_inflight", "queue_limit", "request_timeout_s",
-                     "heartbeat_timeout_s", "ready_timeout_s", "threads", "memory_mb", "defaults"})
+                     "heartbeat_timeout_s", "ready_timeout_s", "threads", "memory_mb", "waves", "defaults"})
     coord_layers = _layers(c, "coordinator")
     if coord_layers is not None and coord_layers[0] != 0:
         raise ConfigError(
@@ -248,6 +249,7 @@ def parse_config(data: Any, source: str = "<dict>") -> ClusterConfig:
         ready_timeout_s=_float(c, "ready_timeout_s", "coordinator", 120.0, positive=True),
         threads=_int(c, "threads", "coordinator", None, minimum=1),
         memory_mb=_float(c, "memory_mb", "coordinator", None, positive=True),
+        waves=_int(c, "waves", "coordinator", None, minimum=0),
         defaults=defaults)
 
     raw_chunks = top["chunks"]

@@ -20,7 +20,7 @@ from .scheduler import GenerationResult, RequestHandle, RingScheduler
 class LocalRing:
     """Coordinator + chunk handlers wired by an in-memory queue."""
 
-    def __init__(self, plan: ClusterPlan, info: ModelInfo, *, epoch: int = 1) -> None:
+    def __init__(self, plan: ClusterPlan, info: ModelInfo, *, epoch: int = 1, waves: int = 0) -> None:
         cfg = plan.config
         coord = plan.coordinator
         self.plan = plan
@@ -34,11 +34,12 @@ class LocalRing:
             for n in plan.chunks]
         for handler in self.handlers:
             handler.adopt_epoch(epoch)
-        self._queue: deque[HopMessage] = deque()
+        self._queue: deque[list[HopMessage]] = deque()     # ring messages: batches of hops
         self.messages = 0
         self.wire_bytes = 0
         self.scheduler = RingScheduler(
-            self.model, self._queue.append, cluster=cfg.namespace, epoch=epoch,
+            self.model, lambda msg: self._queue.append([msg]), send_wave=self._queue.append, waves=waves,
+            cluster=cfg.namespace, epoch=epoch,
             max_inflight=cfg.coordinator.max_inflight, queue_limit=cfg.coordinator.queue_limit,
             max_context=plan.max_context, request_timeout_s=cfg.coordinator.request_timeout_s)
 
@@ -50,16 +51,16 @@ class LocalRing:
         """Deliver queued messages around the ring; return how many hops ran."""
         n = 0
         while self._queue and (max_messages is None or n < max_messages):
-            msg = self._queue.popleft()
+            batch = self._queue.popleft()
             for handler in self.handlers:
-                self.messages += 1
-                self.wire_bytes += msg.nbytes
-                msg = handler.handle(msg)
-                if msg is None:
+                self.messages += len(batch)
+                self.wire_bytes += sum(m.nbytes for m in batch)
+                batch = [m for m in handler.handle_many(batch) if m is not None]
+                if not batch:
                     break
-                n += 1
+                n += len(batch)
             else:
-                self.scheduler.on_ring_output(msg)
+                self.scheduler.on_ring_outputs(batch)
         return n
 
     def run(self, handles: list[RequestHandle]) -> list[GenerationResult]:

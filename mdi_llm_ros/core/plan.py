@@ -70,6 +70,20 @@ class ClusterPlan:
                 return n
         raise KeyError(f"no node named {name!r} in the plan; nodes: {[n.name for n in self.nodes]}")
 
+    def waves(self, local_cores: int | None = None) -> int:
+        """How many waves the coordinator keeps requests in (coordinator.waves, else auto).
+
+        Auto: one wave per chunk node, so that every device has a wave to compute while the
+        others travel; chunk nodes that share the coordinator's machine count at most as
+        many as it has cores (more waves than cores only shrink the micro-batches).
+        """
+        if self.config.coordinator.waves is not None:
+            return self.config.coordinator.waves
+        import os
+        cores = local_cores or len(os.sched_getaffinity(0))
+        here = sum(1 for n in self.chunks if n.host == self.coordinator.host)
+        return max(1, min(here, cores) + len(self.chunks) - here)
+
     def nodes_on_host(self, host: str | None) -> list[NodePlan]:
         if host is None:
             return list(self.nodes)

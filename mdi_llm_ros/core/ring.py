@@ -86,8 +86,10 @@ class ChunkHandler:
         return self.handle_many([msg])[0]
 
     def handle_many(self, msgs: list[HopMessage]) -> list[HopMessage | None]:
-        """Process messages in arrival order; consecutive decode steps of distinct requests run
-        as one micro-batch (weights read once for all of them). Never raises on bad input."""
+        """Process messages; decode steps of distinct requests run as one micro-batch (weights
+        read once for all of them). Each request's messages keep their order; a prefill or
+        release of another request runs without splitting the batch. Outputs are in input
+        order. Never raises on bad input."""
         stats = self.executor.stats
         t0 = time.perf_counter()
         out: list[HopMessage | None] = [None] * len(msgs)
@@ -112,8 +114,8 @@ class ChunkHandler:
                         flush()
                     batch.append((i, msg, hidden))
                     continue
-                if batch:
-                    flush()
+                if any(m.request_id == msg.request_id for _, m, _ in batch):
+                    flush()             # keep each request's own order; others may pass
                 if msg.kind == KIND_RELEASE:
                     self.executor.release(msg.request_id)
                     self._remember_released(msg.request_id)
@@ -167,4 +169,5 @@ class ChunkHandler:
         if len(self.released) > 4096:           # bounded: forget the oldest half
             for rid in sorted(self.released)[:2048]:
                 self.released.discard(rid)
+
 

@@ -91,6 +91,9 @@ class _Request:
     last_token_at: float = 0.0
     in_ring: bool = False          # a message of this request is travelling the ring
     sent_at: float = 0.0
+    wave: int = 0                  # requests of one wave travel the ring as one micro-batch
+    parked_token: int | None = None   # sampled, waiting for the rest of its wave
+    parked_at: float = 0.0
 
 
 class RingScheduler:
@@ -99,9 +102,18 @@ class RingScheduler:
     def __init__(self, model: CoordinatorModel, send: Callable[[HopMessage], None], *,
                  cluster: str = "", epoch: int | None = None, max_inflight: int = 8,
                  queue_limit: int = 32, max_context: int = 2048,
-                 request_timeout_s: float = 120.0, clock: Callable[[], float] = time.monotonic) -> None:
+                 request_timeout_s: float = 120.0, clock: Callable[[], float] = time.monotonic,
+                 waves: int = 0, send_wave: Callable[[list[HopMessage]], None] | None = None,
+                 wave_hold_s: float = 0.25) -> None:
         self.model = model
         self._send = send
+        # Waves (waves > 0): requests in flight are split into this many groups; a group's next
+        # steps leave together (send_wave: one message) once all its members are back, so each
+        # hop runs a whole wave as one micro-batch, and with one wave per ring node every node
+        # has a wave to work on. waves = 0: every request re-enters the ring on its own.
+        self.waves = waves
+        self._send_wave = send_wave or (lambda msgs: [send(m) for m in msgs])
+        self.wave_hold_s = wave_hold_s
         self.cluster = cluster
         self.epoch = epoch if epoch is not None else time.time_ns()
         self.max_inflight = max_inflight
@@ -165,6 +177,11 @@ class RingScheduler:
 
     # --- ring traffic ----------------------------------------------------------------
     def _admit(self, req: _Request) -> None:
+        if self.waves:
+            sizes = [0] * self.waves
+            for other in self._inflight.values():
+                sizes[other.wave] += 1
+            req.wave = min(range(self.waves), key=lambda w: (sizes[w], w))
         self._inflight[req.rid] = req
         self.max_inflight_seen = max(self.max_inflight_seen, len(self._inflight))
         log.info("request %d admitted (%d prompt tokens); in flight: %d", req.rid, len(req.prompt_ids),
@@ -176,13 +193,17 @@ class RingScheduler:
         self._send_hidden(req, KIND_PREFILL, len(req.tokens), 0, hidden)
 
     def _send_hidden(self, req: _Request, kind: int, step: int, position: int, hidden: torch.Tensor) -> None:
+        self._send(self._hidden_message(req, kind, step, position, hidden))
+
+    def _hidden_message(self, req: _Request, kind: int, step: int, position: int,
+                        hidden: torch.Tensor) -> HopMessage:
         local = self.model.local_layers
         if local is not None:
             hidden = local.forward(req.rid, step, position, hidden, prefill=kind == KIND_PREFILL)
         req.in_ring = True
         req.sent_at = self.clock()
-        self._send(HopMessage.with_tensor(hidden, cluster=self.cluster, epoch=self.epoch, request_id=req.rid,
-                                          step=step, first_position=position, kind=kind, hop=0))
+        return HopMessage.with_tensor(hidden, cluster=self.cluster, epoch=self.epoch, request_id=req.rid,
+                                      step=step, first_position=position, kind=kind, hop=0)
 
     def _send_release(self, rid: int, step: int) -> None:
         if self.model.local_layers is not None:
@@ -227,11 +248,38 @@ class RingScheduler:
                     going.append((req, token, step, len(req.prompt_ids) + step - 1))
         if not going:
             return
+        if self.waves:
+            with self._lock:
+                for req, token, _, _ in going:
+                    req.parked_token, req.parked_at = token, now
+                self._send_complete_waves({req.wave for req, _, _, _ in going})
+            return
         hidden = self.model.embed_tokens_batch([t for _, t, _, _ in going])   # (batch, 1, hidden)
         with self._lock:
             for b, (req, _, step, position) in enumerate(going):
                 if self._inflight.get(req.rid) is req:
                     self._send_hidden(req, KIND_DECODE, step, position, hidden[b:b + 1])
+
+    def _send_complete_waves(self, waves: set[int], force: bool = False) -> None:
+        """Send the next step of every parked request of a wave whose members are all back
+        (or, with force, whose oldest parked member waited longer than wave_hold_s)."""
+        now = self.clock()
+        for w in sorted(waves):
+            members = [r for r in self._inflight.values() if r.wave == w]
+            parked = [r for r in members if r.parked_token is not None]
+            if not parked:
+                continue
+            complete = all(r.parked_token is not None or not r.in_ring for r in members)
+            if not complete and not (force and now - min(r.parked_at for r in parked) > self.wave_hold_s):
+                continue
+            hidden = self.model.embed_tokens_batch([r.parked_token for r in parked])   # (batch, 1, hidden)
+            msgs = []
+            for b, req in enumerate(parked):
+                req.parked_token = None
+                step = len(req.tokens)
+                msgs.append(self._hidden_message(req, KIND_DECODE, step, len(req.prompt_ids) + step - 1,
+                                                 hidden[b:b + 1]))
+            self._send_wave(msgs)
 
     def _record_token(self, req: _Request, token: int, now: float) -> bool:
         """Append a sampled token; finish the request if it is done. True if it goes on."""
@@ -274,6 +322,8 @@ class RingScheduler:
         self._inflight.pop(req.rid, None)
         self._send_release(req.rid, len(req.tokens) + 1)
         self._complete(req, reason, error=error)
+        if self.waves:
+            self._send_complete_waves({req.wave})
         while self._queue and len(self._inflight) < self.max_inflight and not self.not_ready_reason:
             self._admit(self._queue.popleft())
 
@@ -305,9 +355,12 @@ class RingScheduler:
             return len(victims)
 
     def poll(self) -> None:
-        """Time out requests that exceeded request_timeout_s (NODE_LOST if nodes are missing)."""
+        """Time out requests that exceeded request_timeout_s (NODE_LOST if nodes are missing);
+        send waves held longer than wave_hold_s (a member is slow or lost)."""
         now = self.clock()
         with self._lock:
+            if self.waves:
+                self._send_complete_waves(set(range(self.waves)), force=True)
             expired = [r for r in list(self._inflight.values()) + list(self._queue)
                        if now - r.submitted > self.request_timeout_s]
             for req in expired:
@@ -331,6 +384,7 @@ class RingScheduler:
         with self._lock:
             reqs = list(self._inflight.values())
             for req in reqs:
+                req.parked_token = None         # the history below already holds it
                 history = req.prompt_ids + req.tokens
                 self._send_prefill(req, history)
             return len(reqs)

@@ -16,15 +16,15 @@ import time
 from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.node import Node
 
-from mdi_llm_ros.msg import Activation, NodeStatus
+from mdi_llm_ros.msg import ActivationBatch, NodeStatus
 
 from ..core.chunk import ChunkExecutor
 from ..core.plan import DTYPE_BYTES, status_topic
 from ..core.ring import ChunkHandler
-from .common import RING_QOS, STATUS_QOS, from_msg, load_plan, make_status, run_node, set_threads, to_msg
+from .common import (RING_QOS, STATUS_QOS, from_batch_msgs, load_plan, make_status, run_node, set_threads,
+                     to_batch_msg)
 
 
-MAX_BATCH = 32   # activations computed together at most
 
 
 class ChunkNode(Node):
@@ -58,9 +58,9 @@ class ChunkNode(Node):
         self.get_logger().info(f"{name}: {executor.parameter_bytes / 1e6:.1f} MB of weights loaded in "
                                f"{time.monotonic() - t0:.1f} s; inbound {n.inbound_topic} -> {n.outbound_topic}")
         self.inbox: queue.Queue = queue.Queue()
-        self.pub = self.create_publisher(Activation, n.outbound_topic, RING_QOS)
+        self.pub = self.create_publisher(ActivationBatch, n.outbound_topic, RING_QOS)
         self.status_pub = self.create_publisher(NodeStatus, status_topic(self.cluster), STATUS_QOS)
-        self.create_subscription(Activation, n.inbound_topic, self.inbox.put, RING_QOS)
+        self.create_subscription(ActivationBatch, n.inbound_topic, self.inbox.put, RING_QOS)
         self.create_subscription(NodeStatus, status_topic(self.cluster), self.on_status, STATUS_QOS)
         self.create_timer(cfg.heartbeat_period_s, self.publish_status)
         self._stop = threading.Event()
@@ -70,29 +70,28 @@ class ChunkNode(Node):
         self.publish_status()
 
     def work(self) -> None:
-        """Compute loop: take everything that is waiting (up to MAX_BATCH) and run it at once:
-        decode steps of different requests share one forward (micro-batching)."""
+        """Compute loop, one ring message at a time: the decode steps in it (a wave of requests,
+        formed by the coordinator) share one forward (micro-batching), and what comes out leaves
+        as one message, so the wave stays together at the next hop. Messages are not merged:
+        each wave keeps its place in the pipeline, so every node has one to work on."""
         while not self._stop.is_set():
             try:
-                msgs = [self.inbox.get(timeout=0.2)]
+                batch = self.inbox.get(timeout=0.2)
             except queue.Empty:
                 self.handler.executor.evict_idle()
                 continue
-            while len(msgs) < MAX_BATCH:
-                try:
-                    msgs.append(self.inbox.get_nowait())
-                except queue.Empty:
-                    break
-            outs = self.handler.handle_many([from_msg(m) for m in msgs])
+            outs = self.handler.handle_many(from_batch_msgs([batch]))
             for out in outs:
                 if out is None:
                     self.log_drop()
-                    continue
-                try:
-                    self.pub.publish(to_msg(out))
-                except Exception as exc:  # context shut down while publishing
-                    if not self._stop.is_set():
-                        self.get_logger().error(f"publish failed: {exc}")
+            ready = [out for out in outs if out is not None]
+            if not ready:
+                continue
+            try:
+                self.pub.publish(to_batch_msg(ready))
+            except Exception as exc:  # context shut down while publishing
+                if not self._stop.is_set():
+                    self.get_logger().error(f"publish failed: {exc}")
 
     def log_drop(self) -> None:
         """Log each drop cause at most once per 5 s (a flood must not flood the log)."""
@@ -124,6 +123,10 @@ class ChunkNode(Node):
             busy_seconds=ex.stats.busy_seconds))
 
     def stop(self) -> None:
+        st = self.handler.stats
+        if st.decode_forwards:
+            self.get_logger().info(f"{st.decode_tokens} decode steps in {st.decode_forwards} forwards "
+                                   f"(mean micro-batch {st.decode_tokens / st.decode_forwards:.2f})")
         self._stop.set()
         self.worker.join(timeout=5)
         self.handler.executor.release_all()

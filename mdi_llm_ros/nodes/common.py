@@ -21,7 +21,7 @@ from rclpy.executors import MultiThreadedExecutor, SingleThreadedExecutor
 from rclpy.signals import SignalHandlerOptions
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 
-from mdi_llm_ros.msg import Activation, NodeStatus
+from mdi_llm_ros.msg import Activation, ActivationBatch, NodeStatus
 
 from ..core.config import ClusterConfig, load_config
 from ..core.models import load_model_info, resolve_model_dir
@@ -62,6 +62,18 @@ def from_msg(m: Activation) -> HopMessage:
     return HopMessage(cluster=m.cluster, epoch=m.epoch, request_id=m.request_id, step=m.step,
                       first_position=m.first_position, kind=m.kind, hop=m.hop, dtype=m.dtype,
                       shape=list(m.shape), data=m.data)
+
+
+def to_batch_msg(hops: list[HopMessage]) -> ActivationBatch:
+    """Hops published together (what the ring topics carry)."""
+    m = ActivationBatch()
+    m.hops = [to_msg(h) for h in hops]
+    return m
+
+
+def from_batch_msgs(batches: list[ActivationBatch]) -> list[HopMessage]:
+    """Every hop of the received batches, in arrival order."""
+    return [from_msg(m) for b in batches for m in b.hops]
 
 
 def rss_bytes() -> int:

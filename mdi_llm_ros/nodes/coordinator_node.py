@@ -24,15 +24,15 @@ from rclpy.node import Node
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 
 from mdi_llm_ros.action import Generate as GenerateAction
-from mdi_llm_ros.msg import Activation, NodeStatus
+from mdi_llm_ros.msg import ActivationBatch, NodeStatus
 from mdi_llm_ros.srv import Generate
 
 from ..core.engine import CoordinatorModel, GenerateParams
 from ..core.errors import ErrorCode, RequestError
 from ..core.plan import service_name, status_topic
 from ..core.scheduler import GenerationResult, RingScheduler
-from .common import (RING_QOS, STATUS_QOS, from_msg, load_plan, make_status, run_node, set_threads, spin_quietly,
-                     to_msg)
+from .common import (RING_QOS, STATUS_QOS, from_batch_msgs, load_plan, make_status, run_node, set_threads,
+                     spin_quietly, to_batch_msg)
 
 
 def params_from(req) -> GenerateParams:
@@ -103,12 +103,13 @@ class CoordinatorNode(Node):
         # use_global_arguments=False: the launcher's `-r __node:=NAME` must not rename it too.
         self.ring_node = rclpy.create_node(f"{self.get_name()}_ring", context=self.context,
                                            use_global_arguments=False)
-        self.ring_pub = self.ring_node.create_publisher(Activation, c.outbound_topic, RING_QOS)
+        self.ring_pub = self.ring_node.create_publisher(ActivationBatch, c.outbound_topic, RING_QOS)
         self.bytes_received = 0
         self.busy_seconds = 0.0
         self._send_lock = threading.Lock()
         self.scheduler = RingScheduler(
-            self.model, self.send, cluster=cfg.namespace, max_inflight=cfg.coordinator.max_inflight,
+            self.model, self.send, send_wave=self.send_wave, waves=plan.waves(),
+            cluster=cfg.namespace, max_inflight=cfg.coordinator.max_inflight,
             queue_limit=cfg.coordinator.queue_limit, max_context=plan.max_context,
             request_timeout_s=cfg.coordinator.request_timeout_s)
         self.liveness = ChunkLiveness([n.name for n in plan.chunks], cfg.coordinator.heartbeat_timeout_s,
@@ -128,7 +129,7 @@ class CoordinatorNode(Node):
         # Ring outputs are queued and computed by one thread that takes all that wait at once
         # (one LM-head matmul for all of them).
         self.ring_inbox: queue.Queue = queue.Queue()
-        self.ring_node.create_subscription(Activation, c.inbound_topic, self.ring_inbox.put, RING_QOS)
+        self.ring_node.create_subscription(ActivationBatch, c.inbound_topic, self.ring_inbox.put, RING_QOS)
         self._ring_stop = threading.Event()
         self.ring_worker = threading.Thread(target=self.ring_work, name="ring-compute", daemon=True)
         self.ring_worker.start()
@@ -161,8 +162,12 @@ class CoordinatorNode(Node):
 
     # --- ring -----------------------------------------------------------------------
     def send(self, msg) -> None:
+        self.send_wave([msg])
+
+    def send_wave(self, msgs) -> None:
+        """A wave's next steps leave as one message: one micro-batch at every hop."""
         with self._send_lock:
-            self.ring_pub.publish(to_msg(msg))
+            self.ring_pub.publish(to_batch_msg(msgs))
 
     def ring_work(self) -> None:
         while not self._ring_stop.is_set():
@@ -176,7 +181,7 @@ class CoordinatorNode(Node):
                 except queue.Empty:
                     break
             t0 = time.perf_counter()
-            hops = [from_msg(m) for m in msgs]
+            hops = from_batch_msgs(msgs)
             self.bytes_received += sum(h.nbytes for h in hops)
             try:
                 self.scheduler.on_ring_outputs(hops)
