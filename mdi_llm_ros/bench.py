@@ -340,9 +340,10 @@ def plot(res: dict, path: Path) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     labels, values = [], []
+    biggest = max((b["n"] for b in res["baselines"] if b["mode"] == "batched"), default=0)
     for b in res["baselines"]:
-        if b["n"] == 1:
-            labels.append(f"HF {b['mode'][:3]}")
+        if b["mode"] == "sequential" or b["n"] == biggest:
+            labels.append(f"HF {b['mode'][:3]}" + (f" N={b['n']}" if b["mode"] == "batched" else ""))
             values.append(b["peak_rss"] / 1e6)
     for ring in res["rings"]:
         for name, v in ring["peak_rss"].items():
