@@ -180,8 +180,31 @@ def test_malformed_activations_are_dropped_and_counted(ros_env, tmp_path, tiny_d
         assert proc.stop() == 0, proc.output()[-2000:]
 
 
+def streams_under_way(client, prompts, max_new_tokens, timeout_s, pieces=3):
+    """Stream every prompt in its own thread; return once each has `pieces` pieces.
+
+    Returns (threads, results): results[i] is the stream's GenerationResult once it ends."""
+    from mdi_llm_ros.client import StreamPiece
+    progress = [0] * len(prompts)
+    results: list = [None] * len(prompts)
+
+    def run(i):
+        for item in client.stream(prompts[i], max_new_tokens=max_new_tokens, timeout_s=timeout_s):
+            if isinstance(item, StreamPiece):
+                progress[i] += 1
+            else:
+                results[i] = item
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    while min(progress) < pieces:
+        time.sleep(0.01)
+    return threads, results
+
+
 def _kill_b_during_requests(ros_env, tmp_path, tiny_dir, ros_node, respawn: bool):
-    from mdi_llm_ros.client import GenerateClient, StreamPiece
+    from mdi_llm_ros.client import GenerateClient
     cfg = write_config(tmp_path / "c.yaml", tiny_dir, CHUNKS,
                        coordinator={"request_timeout_s": 12, "heartbeat_timeout_s": 1.0})
     main = start(ros_env, tmp_path, cfg, "--host", "localhost", name="main", ready=False)
@@ -192,21 +215,7 @@ def _kill_b_during_requests(ros_env, tmp_path, tiny_dir, ros_node, respawn: bool
         client = GenerateClient(ros_node)
         assert client.wait_for_service(30)
         prompts = ["The robot", "Map the room", "Battery low, return to", "Once upon a time"]
-        progress = [0] * 4
-        results: list = [None] * 4
-
-        def run(i):
-            for item in client.stream(prompts[i], max_new_tokens=300, timeout_s=120):
-                if isinstance(item, StreamPiece):
-                    progress[i] += 1
-                else:
-                    results[i] = item
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
-        for t in threads:
-            t.start()
-        while min(progress) < 3:
-            time.sleep(0.01)
+        threads, results = streams_under_way(client, prompts, 300, 120)
         b_pid = int(robot_b.output().split("b (pid ")[1].split(")")[0])
         killed_at = time.monotonic()
         os.kill(b_pid, signal.SIGKILL)
@@ -231,6 +240,41 @@ def test_killed_chunk_node_not_restarted_requests_fail_node_lost(ros_env, tmp_pa
     prompts, results, waited, main, robot_b = _kill_b_during_requests(ros_env, tmp_path, tiny_dir, ros_node, False)
     assert all(r is not None and r.error_code == "NODE_LOST" and "b" in r.error_message for r in results), results
     assert waited < 12 + 5                                          # within request_timeout_s (+ poll slack)
+
+
+def test_killed_coordinator_restarted_chunks_drop_old_caches(ros_env, tmp_path, tiny_dir, ros_node):
+    """kill -9 of the coordinator with requests in flight: its callers get an answer from their own
+    timeout; a new coordinator (new epoch) starts; every chunk drops the dead epoch's caches and the
+    ring serves new requests correctly."""
+    from mdi_llm_ros.client import GenerateClient
+    chunks = [{"name": "a", "layers": [0, 3]}, {"name": "b", "layers": [3, 6]}]
+    cfg = write_config(tmp_path / "c.yaml", tiny_dir, chunks, coordinator={"host": "base"})
+    robots = start(ros_env, tmp_path, cfg, "--host", "localhost", name="chunks", ready=False)
+    base = start(ros_env, tmp_path, cfg, "--host", "base", name="base")
+    base2 = None
+    try:
+        client = GenerateClient(ros_node)
+        assert client.wait_for_service(30)
+        threads, results = streams_under_way(client, ["The robot", "Map the room"], 400, 15)
+        old_epoch = statuses(ros_node)["coordinator"].epoch
+        os.kill(int(base.output().split("coordinator (pid ")[1].split(")")[0]), signal.SIGKILL)
+        for t in threads:
+            t.join(60)
+        assert all(r is not None and not r.success and r.error_code == "TIMEOUT" for r in results), results
+        assert base.wait_for("stopping the other nodes", 15), base.output()
+        assert base.stop() != 0                                  # the launcher reports the death
+
+        base2 = start(ros_env, tmp_path, cfg, "--host", "base", name="base2")
+        st = statuses(ros_node)
+        assert st["coordinator"].epoch != old_epoch
+        assert all(st[n].epoch == st["coordinator"].epoch and st[n].requests_cached == 0 for n in "ab"), st
+        assert robots.output().count("caches of the previous epoch") == 2, robots.output()[-3000:]
+        r = client.generate("The robot", max_new_tokens=30)
+        assert r.success and r.text == reference(tiny_dir, "The robot", 30)
+    finally:
+        for proc in (base2, base, robots):
+            if proc is not None:
+                proc.stop()
 
 
 def test_soak_accounting_and_memory(ros_env, tmp_path, tiny_dir):
