@@ -107,11 +107,9 @@ def drive_main(argv: list[str]) -> int:
         clients = [GenerateClient(node, cfg.namespace) for _ in range(n)]
         if not clients[0].wait_for_service(120):
             raise RuntimeError("the ring's /generate did not appear within 120 s")
-        deadline = time.monotonic() + 120
-        while clients[0].generate(PROMPTS[0], max_new_tokens=2).error_code == "NOT_READY":
-            if time.monotonic() > deadline:
-                raise RuntimeError("the ring stayed NOT_READY for 120 s")
-            time.sleep(0.3)
+        ready = clients[0].wait_until_ready(120)
+        if not ready.success:
+            raise RuntimeError(f"the ring is not ready after 120 s: {ready.error_code}: {ready.error_message}")
         for c in clients:                   # every client's reply reader is matched before timing
             c.wait_for_service(30)
         before = watch.fresh(0.7, expect=len(cfg.chunks) + 1)

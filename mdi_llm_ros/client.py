@@ -88,6 +88,20 @@ class GenerateClient:
     def wait_for_service(self, timeout_s: float) -> bool:
         return self._srv.wait_for_service(timeout_sec=timeout_s)
 
+    def wait_until_ready(self, timeout_s: float, probe_timeout_s: float = 10.0) -> GenerationResult:
+        """Wait until the cluster serves requests (every node up): ask for one token until the
+        answer is neither NOT_READY (nodes still loading) nor a lost reply, for up to timeout_s.
+
+        A short timeout per probe bounds what a reply lost during discovery costs (see SETTLE_S).
+        Returns the last probe's result: success, or why the cluster is not ready."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            result = self.generate("ready?", max_new_tokens=1, timeout_s=max(1.0, min(probe_timeout_s, left)))
+            if result.error_code not in (ErrorCode.NOT_READY, ErrorCode.TIMEOUT) or time.monotonic() >= deadline:
+                return result
+            time.sleep(0.3)
+
     def wait_for_action(self, timeout_s: float) -> bool:
         return self._act.wait_for_server(timeout_sec=timeout_s)
 

@@ -21,16 +21,14 @@ from .core.errors import ConfigError, ErrorCode
 
 
 def ask(node, prompt: str, namespace: str = "", ready_timeout_s: float = 120.0, **kwargs):
-    """Call /generate; while the cluster reports NOT_READY (nodes still loading), retry."""
+    """Call /generate once the cluster is ready (nodes loaded, ring complete)."""
     client = GenerateClient(node, namespace)
-    deadline = time.monotonic() + ready_timeout_s
     if not client.wait_for_service(ready_timeout_s):
         raise TimeoutError(f"no {client.service} within {ready_timeout_s:.0f} s")
-    while True:
-        result = client.generate(prompt, **kwargs)
-        if result.error_code != ErrorCode.NOT_READY or time.monotonic() > deadline:
-            return result
-        time.sleep(0.5)
+    ready = client.wait_until_ready(ready_timeout_s)
+    if ready.error_code in (ErrorCode.NOT_READY, ErrorCode.TIMEOUT):
+        return ready
+    return client.generate(prompt, **kwargs)
 
 
 def main(argv: list[str] | None = None) -> int:

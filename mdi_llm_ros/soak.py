@@ -121,8 +121,10 @@ def run_soak(namespace: str, *, duration_s: float, clients: int, warmup_s: float
         if not clients_[0].wait_for_service(120):
             report.problems.append("no /generate service")
             return report
-        while clients_[0].generate(PROMPTS[0], max_new_tokens=2).error_code == "NOT_READY":
-            time.sleep(0.5)
+        ready = clients_[0].wait_until_ready(120)
+        if not ready.success:
+            report.problems.append(f"cluster not ready: {ready.error_code}: {ready.error_message}")
+            return report
         lock = threading.Lock()
         texts: dict = {}
         deadline = time.monotonic() + duration_s

@@ -74,6 +74,24 @@ def validate_params(p: GenerateParams, max_context: int) -> None:
                                f"stop string {s[:20]!r} must have 1..{MAX_STOP_LENGTH} characters")
 
 
+PLAIN_RMS_NORM = {"llama", "qwen2", "qwen3", "mistral"}   # final norm: weight * x / rms(x)
+
+
+class RMSNorm(torch.nn.Module):
+    """Root-mean-square norm as Llama-family models compute it (in float32, then cast back)."""
+
+    def __init__(self, weight: torch.Tensor, eps: float) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight, requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
 class CoordinatorModel:
     """Tokenizer + embedding (+ optional first layers) + final norm + LM head."""
 
@@ -85,18 +103,20 @@ class CoordinatorModel:
         self.dtype = DTYPES[dtype]
         self.tokenizer = AutoTokenizer.from_pretrained(info.path)
         self._tokenizer_lock = threading.Lock()
-        skeleton = meta_model(info.config)
         self.reader = TensorReader(info)
         names = ["model.embed_tokens.weight", "model.norm.weight"]
         if not info.tied_embeddings:
             names.append("lm_head.weight")
         t = self.reader.read(names, self.dtype, str(self.device))
-        self.embed = skeleton.model.embed_tokens
-        self.embed.to_empty(device=self.device)
-        self.embed.load_state_dict({"weight": t["model.embed_tokens.weight"]}, assign=True)
-        self.norm = skeleton.model.norm
-        self.norm.to_empty(device=self.device)
-        self.norm.load_state_dict({"weight": t["model.norm.weight"]}, assign=True)
+        self.embed = torch.nn.Embedding.from_pretrained(t["model.embed_tokens.weight"], freeze=True)
+        if getattr(info.config, "model_type", "") in PLAIN_RMS_NORM:
+            # the same computation as these models' own RMSNorm, without importing their
+            # modelling code (which costs the coordinator ~15 MB of resident memory)
+            self.norm = RMSNorm(t["model.norm.weight"], float(info.config.rms_norm_eps))
+        else:
+            self.norm = meta_model(info.config).model.norm
+            self.norm.to_empty(device=self.device)
+            self.norm.load_state_dict({"weight": t["model.norm.weight"]}, assign=True)
         self.head_weight = t.get("lm_head.weight", t["model.embed_tokens.weight"])  # (vocab, hidden)
         self.local_layers: ChunkExecutor | None = None
         if layers is not None and layers[1] > layers[0]:

@@ -27,6 +27,9 @@ from .common import (RING_QOS, STATUS_QOS, from_batch_msgs, load_plan, make_stat
 
 
 
+LINK_SETTLE_S = 0.3   # both sides of a new DDS match learn of it at about, not exactly, the same time
+
+
 class ChunkNode(Node):
     def __init__(self) -> None:
         super().__init__("mdi_chunk")
@@ -60,7 +63,9 @@ class ChunkNode(Node):
         self.inbox: queue.Queue = queue.Queue()
         self.pub = self.create_publisher(ActivationBatch, n.outbound_topic, RING_QOS)
         self.status_pub = self.create_publisher(NodeStatus, status_topic(self.cluster), STATUS_QOS)
-        self.create_subscription(ActivationBatch, n.inbound_topic, self.inbox.put, RING_QOS)
+        self.ring_sub = self.create_subscription(ActivationBatch, n.inbound_topic, self.inbox.put, RING_QOS)
+        self._links_up_since: float | None = None
+        self._ready = False
         self.create_subscription(NodeStatus, status_topic(self.cluster), self.on_status, STATUS_QOS)
         self.create_timer(cfg.heartbeat_period_s, self.publish_status)
         self._stop = threading.Event()
@@ -113,11 +118,28 @@ class ChunkNode(Node):
                                + (f"; dropped {dropped} caches of the previous epoch" if dropped else ""))
         self.publish_status()
 
+    def ring_links_up(self) -> bool:
+        """Ready once both ring neighbours are matched (and were a moment ago): a message
+        published before discovery has matched the next hop is lost, and the coordinator replays
+        in-flight requests as soon as a restarted node reports ready. Once ready, a node stays
+        ready: a neighbour that dies later is reported missing by its own silence."""
+        if self._ready:
+            return True
+        matched = self.pub.get_subscription_count() > 0 and self.ring_sub.get_publisher_count() > 0
+        now = time.monotonic()
+        if not matched:
+            self._links_up_since = None
+            return False
+        if self._links_up_since is None:
+            self._links_up_since = now
+        self._ready = now - self._links_up_since >= LINK_SETTLE_S
+        return self._ready
+
     def publish_status(self) -> None:
         n, ex = self.plan_node, self.handler.executor
         self.status_pub.publish(make_status(
             self, name=n.name, cluster=self.cluster, role="chunk", host=n.host, device=n.device,
-            layers=(n.layer_start, n.layer_end), epoch=self.handler.epoch, ready=True,
+            layers=(n.layer_start, n.layer_end), epoch=self.handler.epoch, ready=self.ring_links_up(),
             cached=ex.num_cached, queue=self.inbox.qsize(), tokens=ex.stats.tokens_processed,
             drops=dict(ex.stats.drops), bytes_received=ex.stats.bytes_received,
             busy_seconds=ex.stats.busy_seconds))
