@@ -271,9 +271,10 @@ def main(args) -> int:
         return 0
     if args.action == "status":
         spaces = lab_namespaces(args.name)
-        lab = NetLab.load(args.name).state() if os.path.exists(state_file(args.name)) else None
-        print(json.dumps({"lab": lab, "namespaces": spaces, "pids": {ns: _pids([ns]) for ns in spaces},
-                          "counters": NetLab.load(args.name).counters() if lab else {}}, indent=1))
+        lab = NetLab.load(args.name) if os.path.exists(state_file(args.name)) else None
+        print(json.dumps({"lab": lab.state() if lab else None, "namespaces": spaces,
+                          "pids": {ns: _pids([ns]) for ns in spaces},
+                          "counters": lab.counters() if lab else {}}, indent=1))
         return 0
     if args.action == "up":
         hosts = [h for h in args.hosts.split(",") if h]

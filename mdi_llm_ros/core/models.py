@@ -192,9 +192,6 @@ def _safetensors_layout(path: Path) -> tuple[dict, int]:
         return json.loads(f.read(n)), 8 + n
 
 
-def _read_safetensors_header(path: Path) -> dict:
-    return _safetensors_layout(path)[0]
-
 
 def load_model_info(path: Path) -> ModelInfo:
     """Read config.json and the safetensors headers (no tensor data)."""
@@ -204,7 +201,7 @@ def load_model_info(path: Path) -> ModelInfo:
     nbytes: dict[str, int] = {}
     elem: dict[str, int] = {}
     for st in sorted(path.glob("*.safetensors")):
-        for name, meta in _read_safetensors_header(st).items():
+        for name, meta in _safetensors_layout(st)[0].items():
             if name == "__metadata__":
                 continue
             files[name] = st.name

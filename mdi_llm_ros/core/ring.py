@@ -109,14 +109,11 @@ class ChunkHandler:
             stats.bytes_received += msg.nbytes
             try:
                 hidden = self._check(msg)
-                if msg.kind == KIND_DECODE:
-                    if any(m.request_id == msg.request_id for _, m, _ in batch):
-                        flush()
-                    batch.append((i, msg, hidden))
-                    continue
                 if any(m.request_id == msg.request_id for _, m, _ in batch):
                     flush()             # keep each request's own order; others may pass
-                if msg.kind == KIND_RELEASE:
+                if msg.kind == KIND_DECODE:
+                    batch.append((i, msg, hidden))
+                elif msg.kind == KIND_RELEASE:
                     self.executor.release(msg.request_id)
                     self._remember_released(msg.request_id)
                     out[i] = HopMessage(**self._next_fields(msg))
@@ -169,5 +166,3 @@ class ChunkHandler:
         if len(self.released) > 4096:           # bounded: forget the oldest half
             for rid in sorted(self.released)[:2048]:
                 self.released.discard(rid)
-
-

@@ -211,10 +211,6 @@ class RingScheduler:
         self._send(HopMessage(cluster=self.cluster, epoch=self.epoch, request_id=rid, step=step,
                               first_position=0, kind=KIND_RELEASE, hop=0))
 
-    def on_ring_output(self, msg: HopMessage) -> None:
-        """A message came back from the last chunk: sample, then re-inject or finish."""
-        self.on_ring_outputs([msg])
-
     def on_ring_outputs(self, msgs: list[HopMessage]) -> None:
         """Several ring outputs at once: one LM-head matmul and one embedding lookup for all of
         them (the head's weights are read once), then per request: sample, re-inject or finish."""
@@ -238,27 +234,31 @@ class RingScheduler:
         logits = self.model.logits_batch(last)                          # (batch, vocab)
         tokens = [req.sampler(logits[b]) for b, (req, _) in enumerate(ready)]
         now = self.clock()
-        going: list[tuple[_Request, int, int, int]] = []                 # (request, token, step, position)
         with self._lock:
+            going: list[tuple[_Request, int]] = []                       # (request, sampled token)
             for (req, _), token in zip(ready, tokens):
-                if self._inflight.get(req.rid) is not req:             # cancelled meanwhile
-                    continue
-                if self._record_token(req, token, now):
-                    step = len(req.tokens)
-                    going.append((req, token, step, len(req.prompt_ids) + step - 1))
-        if not going:
-            return
-        if self.waves:
-            with self._lock:
-                for req, token, _, _ in going:
+                # not cancelled meanwhile, and not finished by this token
+                if self._inflight.get(req.rid) is req and self._record_token(req, token, now):
+                    going.append((req, token))
+            if not going:
+                return
+            if self.waves:
+                for req, token in going:
                     req.parked_token, req.parked_at = token, now
-                self._send_complete_waves({req.wave for req, _, _, _ in going})
-            return
-        hidden = self.model.embed_tokens_batch([t for _, t, _, _ in going])   # (batch, 1, hidden)
-        with self._lock:
-            for b, (req, _, step, position) in enumerate(going):
-                if self._inflight.get(req.rid) is req:
-                    self._send_hidden(req, KIND_DECODE, step, position, hidden[b:b + 1])
+                self._send_complete_waves({req.wave for req, _ in going})
+                return
+            for msg in self._decode_messages(going):
+                self._send(msg)
+
+    def _decode_messages(self, going: list[tuple[_Request, int]]) -> list[HopMessage]:
+        """The next decode step of each (request, sampled token), embedded in one lookup."""
+        hidden = self.model.embed_tokens_batch([token for _, token in going])   # (batch, 1, hidden)
+        msgs = []
+        for b, (req, _) in enumerate(going):
+            step = len(req.tokens)
+            msgs.append(self._hidden_message(req, KIND_DECODE, step, len(req.prompt_ids) + step - 1,
+                                             hidden[b:b + 1]))
+        return msgs
 
     def _send_complete_waves(self, waves: set[int], force: bool = False) -> None:
         """Send the next step of every parked request of a wave whose members are all back
@@ -272,13 +272,9 @@ class RingScheduler:
             complete = all(r.parked_token is not None or not r.in_ring for r in members)
             if not complete and not (force and now - min(r.parked_at for r in parked) > self.wave_hold_s):
                 continue
-            hidden = self.model.embed_tokens_batch([r.parked_token for r in parked])   # (batch, 1, hidden)
-            msgs = []
-            for b, req in enumerate(parked):
+            msgs = self._decode_messages([(r, r.parked_token) for r in parked])
+            for req in parked:
                 req.parked_token = None
-                step = len(req.tokens)
-                msgs.append(self._hidden_message(req, KIND_DECODE, step, len(req.prompt_ids) + step - 1,
-                                                 hidden[b:b + 1]))
             self._send_wave(msgs)
 
     def _record_token(self, req: _Request, token: int, now: float) -> bool:

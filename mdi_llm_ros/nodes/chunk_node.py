@@ -24,9 +24,6 @@ from ..core.ring import ChunkHandler
 from .common import (RING_QOS, STATUS_QOS, from_batch_msgs, load_plan, make_status, run_node, set_threads,
                      to_batch_msg)
 
-
-
-
 LINK_SETTLE_S = 0.3   # both sides of a new DDS match learn of it at about, not exactly, the same time
 
 
@@ -85,11 +82,12 @@ class ChunkNode(Node):
             except queue.Empty:
                 self.handler.executor.evict_idle()
                 continue
-            outs = self.handler.handle_many(from_batch_msgs([batch]))
-            for out in outs:
+            ready = []
+            for out in self.handler.handle_many(from_batch_msgs([batch])):
                 if out is None:
                     self.log_drop()
-            ready = [out for out in outs if out is not None]
+                else:
+                    ready.append(out)
             if not ready:
                 continue
             try:
