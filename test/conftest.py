@@ -24,7 +24,7 @@ def smol_dir() -> Path:
     return prepare_model(DEFAULT_MODEL, log=lambda s: None)
 
 
-def make_tiny_model(path: Path, arch: str, tokenizer_dir: Path, num_layers: int = 6) -> Path:
+def make_tiny_model(path: Path, arch: str, tokenizer_dir: Path, num_layers: int = 6, **extra) -> Path:
     """A small random model of a Llama-family architecture, saved as safetensors + a real tokenizer."""
     import torch
     import transformers
@@ -35,7 +35,7 @@ def make_tiny_model(path: Path, arch: str, tokenizer_dir: Path, num_layers: int 
            "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
            "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(tie_word_embeddings=False, head_dim=16)),
            "mistral": ("MistralConfig", "MistralForCausalLM", dict(tie_word_embeddings=False))}[arch]
-    config = getattr(transformers, cls[0])(**common, **cls[2])
+    config = getattr(transformers, cls[0])(**{**common, **cls[2], **extra})
     torch.manual_seed(1234)
     model = getattr(transformers, cls[1])(config)
     with torch.no_grad():       # make logits less flat than the default init, so greedy ties are rare

@@ -50,7 +50,7 @@ def ask_from_client(lab, cfg, ros_env, prompt: str, chat: bool, name: str) -> su
 
 def answer(proc: subprocess.Popen, timeout: float = 240) -> dict:
     out, err = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, err[-3000:]
+    assert proc.returncode == 0, (out[-2000:], err[-3000:])
     return json.loads(out.strip().splitlines()[-1])
 
 

@@ -7,6 +7,7 @@ talks to the Hugging Face hub.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -153,7 +154,7 @@ class ModelInfo:
     """What planning and loading need to know about a model folder, without its weights."""
 
     path: Path
-    config: object              # transformers PretrainedConfig
+    raw_config: dict            # config.json as read
     num_layers: int
     hidden_size: int
     vocab_size: int
@@ -162,6 +163,16 @@ class ModelInfo:
     tensor_files: dict[str, str]     # tensor name -> safetensors file name
     tensor_bytes: dict[str, int]     # tensor name -> bytes as stored
     elem_sizes: dict[str, int]       # tensor name -> bytes per element as stored
+
+    @functools.cached_property
+    def config(self):
+        """transformers' config object, built on first use: nodes that never ask never import transformers."""
+        from transformers import AutoConfig
+        return AutoConfig.from_pretrained(self.path)
+
+    @property
+    def model_type(self) -> str:
+        return str(self.raw_config.get("text_config", self.raw_config).get("model_type", ""))
 
     def layer_prefix(self, index: int) -> str:
         return f"model.layers.{index}."
@@ -194,9 +205,15 @@ def _safetensors_layout(path: Path) -> tuple[dict, int]:
 
 
 def load_model_info(path: Path) -> ModelInfo:
-    """Read config.json and the safetensors headers (no tensor data)."""
-    from transformers import AutoConfig
-    config = AutoConfig.from_pretrained(path)
+    """Read config.json and the safetensors headers (no tensor data), without importing transformers."""
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read {path / 'config.json'}: {exc}") from exc
+    text = raw.get("text_config", raw)
+    for key in ("num_hidden_layers", "hidden_size", "vocab_size"):
+        if key not in text:
+            raise ModelError(f"{path / 'config.json'} has no {key!r}; is this a decoder-only (Llama-family) model?")
     files: dict[str, str] = {}
     nbytes: dict[str, int] = {}
     elem: dict[str, int] = {}
@@ -208,12 +225,12 @@ def load_model_info(path: Path) -> ModelInfo:
             start, end = meta["data_offsets"]
             nbytes[name] = end - start
             elem[name] = _SAFETENSORS_ELEM.get(meta["dtype"], 4)
-    text = getattr(config, "get_text_config", lambda: config)()
     info = ModelInfo(
-        path=path, config=config, num_layers=int(text.num_hidden_layers),
-        hidden_size=int(text.hidden_size), vocab_size=int(text.vocab_size),
-        tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)) or "lm_head.weight" not in files,
-        max_positions=int(getattr(text, "max_position_embeddings", 2048)),
+        path=path, raw_config=raw, num_layers=int(text["num_hidden_layers"]),
+        hidden_size=int(text["hidden_size"]), vocab_size=int(text["vocab_size"]),
+        tied_embeddings=bool(raw.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
+        or "lm_head.weight" not in files,
+        max_positions=int(text.get("max_position_embeddings") or 2048),
         tensor_files=files, tensor_bytes=nbytes, elem_sizes=elem)
     return info
 
