@@ -73,6 +73,7 @@ class GenerateClient:
         # Deep reply queues: every client's reader also sees the replies to other callers of the
         # same service, and with the default depth of 10 a burst of replies overwrote its own.
         qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=REPLY_DEPTH, reliability=ReliabilityPolicy.RELIABLE)
+        self._qos = qos
         self._srv = node.create_client(Generate, self.service, qos_profile=qos)
         self._act = ActionClient(node, GenerateAction, self.action, goal_service_qos_profile=qos,
                                  result_service_qos_profile=qos, cancel_service_qos_profile=qos,
@@ -100,7 +101,20 @@ class GenerateClient:
             result = self.generate("ready?", max_new_tokens=1, timeout_s=max(1.0, min(probe_timeout_s, left)))
             if result.error_code not in (ErrorCode.NOT_READY, ErrorCode.TIMEOUT) or time.monotonic() >= deadline:
                 return result
+            if result.error_code == ErrorCode.TIMEOUT:
+                self._renew()
             time.sleep(0.3)
+
+    def _renew(self) -> None:
+        """A new service client: new DDS endpoints, discovered afresh by the server.
+
+        Seen under load: the coordinator answered every probe, yet none of the replies reached
+        this client for minutes, as if the server never matched its reply reader. A fresh
+        endpoint is matched anew, where retrying on the old one kept failing."""
+        self.node.destroy_client(self._srv)
+        self._srv = self.node.create_client(Generate, self.service, qos_profile=self._qos)
+        self._settled_at = None
+        self._srv.wait_for_service(timeout_sec=5.0)
 
     def wait_for_action(self, timeout_s: float) -> bool:
         return self._act.wait_for_server(timeout_sec=timeout_s)
