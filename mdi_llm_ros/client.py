@@ -75,10 +75,19 @@ class GenerateClient:
         qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=REPLY_DEPTH, reliability=ReliabilityPolicy.RELIABLE)
         self._qos = qos
         self._srv = node.create_client(Generate, self.service, qos_profile=qos)
-        self._act = ActionClient(node, GenerateAction, self.action, goal_service_qos_profile=qos,
-                                 result_service_qos_profile=qos, cancel_service_qos_profile=qos,
-                                 feedback_sub_qos_profile=qos)
+        # The action client is made on first stream(): a caller of the service alone adds 2 DDS
+        # endpoints, not 10. A bench driver with 16 clients announced 160 endpoints, and now and
+        # then none of its replies arrived for minutes.
+        self._act: ActionClient | None = None
         self._settled_at: float | None = None
+
+    def _action(self) -> ActionClient:
+        if self._act is None:
+            q = self._qos
+            self._act = ActionClient(self.node, GenerateAction, self.action, goal_service_qos_profile=q,
+                                     result_service_qos_profile=q, cancel_service_qos_profile=q,
+                                     feedback_sub_qos_profile=q)
+        return self._act
 
     def _settle(self) -> None:
         """Before the first call: give the server time to discover this client's reply reader."""
@@ -117,7 +126,7 @@ class GenerateClient:
         self._srv.wait_for_service(timeout_sec=5.0)
 
     def wait_for_action(self, timeout_s: float) -> bool:
-        return self._act.wait_for_server(timeout_sec=timeout_s)
+        return self._action().wait_for_server(timeout_sec=timeout_s)
 
     def generate(self, prompt: str | GenerateParams, timeout_s: float = 300.0, **kwargs) -> GenerationResult:
         """Call /generate; never waits longer than timeout_s."""
@@ -150,11 +159,11 @@ class GenerateClient:
                 arrived.notify_all()
 
         deadline = time.monotonic() + timeout_s
-        if not self._act.wait_for_server(timeout_sec=min(timeout_s, 30.0)):
+        if not self._action().wait_for_server(timeout_sec=min(timeout_s, 30.0)):
             yield GenerationResult.failure(ErrorCode.NOT_READY, f"no {self.action} on this ROS domain; is the cluster running?")
             return
         self._settle()
-        send = self._act.send_goal_async(goal, feedback_callback=on_feedback)
+        send = self._action().send_goal_async(goal, feedback_callback=on_feedback)
         if not _wait_future(send, timeout_s):
             yield GenerationResult.failure(ErrorCode.TIMEOUT, f"{self.action} did not answer the goal in {timeout_s:.0f} s")
             return
