@@ -55,8 +55,11 @@ class ChunkNode(Node):
         # The largest legal activation: a prefill of the whole context.
         max_payload = plan.max_context * info.hidden_size * DTYPE_BYTES[plan.dtype]
         self.handler = ChunkHandler(executor, cluster=self.cluster, hop=n.hop, max_payload_bytes=max_payload)
+        layers = ("own decoder layers" if executor.native is not None
+                  else f"transformers' decoder layers ({executor.fallback_reason})")
         self.get_logger().info(f"{name}: {executor.parameter_bytes / 1e6:.1f} MB of weights loaded in "
-                               f"{time.monotonic() - t0:.1f} s; inbound {n.inbound_topic} -> {n.outbound_topic}")
+                               f"{time.monotonic() - t0:.1f} s, {layers}; inbound {n.inbound_topic} -> "
+                               f"{n.outbound_topic}")
         self.inbox: queue.Queue = queue.Queue()
         self.pub = self.create_publisher(ActivationBatch, n.outbound_topic, RING_QOS)
         self.status_pub = self.create_publisher(NodeStatus, status_topic(self.cluster), STATUS_QOS)

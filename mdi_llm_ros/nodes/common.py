@@ -24,7 +24,7 @@ from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPo
 from mdi_llm_ros.msg import Activation, ActivationBatch, NodeStatus
 
 from ..core.config import ClusterConfig, load_config
-from ..core.models import load_model_info, resolve_model_dir
+from ..core.models import ModelError, load_model_info, resolve_model_dir
 from ..core.plan import ClusterPlan, make_plan
 from ..core.ring import HopMessage
 
@@ -155,7 +155,7 @@ def run_node(make_node, num_threads: int | Callable[[object], int] = 2, grace_s:
         executor.shutdown(timeout_sec=2.0)
         spinner.join(timeout=5.0)   # a spin thread left inside rcl at exit aborts the process
         return 0
-    except SystemExit as exc:       # a configuration problem: say it and exit non-zero
+    except (SystemExit, ModelError) as exc:   # a configuration or model problem: say it, exit non-zero
         print(f"[{os.path.basename(sys.argv[0])}] {exc}", file=sys.stderr)
         return 2
     finally:
