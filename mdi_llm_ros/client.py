@@ -28,6 +28,7 @@ from .core.engine import GenerateParams
 from .core.errors import ErrorCode
 from .core.plan import service_name
 from .core.scheduler import GenerationResult
+from .spin import spin_resilient
 
 
 def fill_request(req, p: GenerateParams):
@@ -76,8 +77,7 @@ class GenerateClient:
         self._qos = qos
         self._srv = node.create_client(Generate, self.service, qos_profile=qos)
         # The action client is made on first stream(): a caller of the service alone adds 2 DDS
-        # endpoints, not 10. A bench driver with 16 clients announced 160 endpoints, and now and
-        # then none of its replies arrived for minutes.
+        # endpoints, not 10.
         self._act: ActionClient | None = None
         self._settled_at: float | None = None
 
@@ -110,20 +110,7 @@ class GenerateClient:
             result = self.generate("ready?", max_new_tokens=1, timeout_s=max(1.0, min(probe_timeout_s, left)))
             if result.error_code not in (ErrorCode.NOT_READY, ErrorCode.TIMEOUT) or time.monotonic() >= deadline:
                 return result
-            if result.error_code == ErrorCode.TIMEOUT:
-                self._renew()
             time.sleep(0.3)
-
-    def _renew(self) -> None:
-        """A new service client: new DDS endpoints, discovered afresh by the server.
-
-        Seen under load: the coordinator answered every probe, yet none of the replies reached
-        this client for minutes, as if the server never matched its reply reader. A fresh
-        endpoint is matched anew, where retrying on the old one kept failing."""
-        self.node.destroy_client(self._srv)
-        self._srv = self.node.create_client(Generate, self.service, qos_profile=self._qos)
-        self._settled_at = None
-        self._srv.wait_for_service(timeout_sec=5.0)
 
     def wait_for_action(self, timeout_s: float) -> bool:
         return self._action().wait_for_server(timeout_sec=timeout_s)
@@ -211,10 +198,7 @@ class BackgroundSpin:
         self.thread.start()
 
     def _spin(self) -> None:
-        try:
-            self.executor.spin()
-        except Exception:           # context shut down under us: nothing left to do
-            pass
+        spin_resilient(self.executor, self.node.context, self.node.get_logger().warning)
 
     def close(self) -> None:
         self.executor.shutdown(timeout_sec=2.0)

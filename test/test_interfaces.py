@@ -74,3 +74,27 @@ def test_generate_action_feedback(peer, ros_node):
     result = items[-1]
     assert [p.token_count for p in pieces] == [1, 2, 3, 4]
     assert "".join(p.text for p in pieces) == result.text == "robots share one model"
+
+
+def test_background_spin_survives_clients_made_while_it_spins(ros_env):
+    """rclpy adds an ActionClient to its node before the constructor has finished, so a spinning
+    executor can fail on it ('no attribute _lock'). A spin thread that died there left every reply
+    of the process unread. Ours logs the error and spins on: after 30 rounds of 16 clients made
+    while spinning, every spin thread is alive and its node's timer still fires."""
+    import rclpy
+
+    from mdi_llm_ros.client import BackgroundSpin, GenerateClient
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    try:
+        for i in range(30):
+            node = rclpy.create_node(f"race_{i}", context=context)
+            spin = BackgroundSpin(node)
+            for client in [GenerateClient(node) for _ in range(16)]:
+                client._action()
+            ticks = threading.Event()
+            node.create_timer(0.01, ticks.set)
+            assert ticks.wait(5.0) and spin.thread.is_alive(), f"round {i}: the spin thread stopped"
+            spin.close()
+    finally:
+        rclpy.shutdown(context=context)

@@ -27,6 +27,7 @@ from ..core.config import ClusterConfig, load_config
 from ..core.models import ModelError, load_model_info, resolve_model_dir
 from ..core.plan import ClusterPlan, make_plan
 from ..core.ring import HopMessage
+from ..spin import spin_resilient
 
 # Ring traffic: reliable and KEEP_ALL, so a slow hop applies back-pressure
 # instead of silently overwriting activations (a reliable keep_last writer
@@ -117,10 +118,8 @@ def set_threads(threads: int | None) -> None:
 
 
 def spin_quietly(executor) -> None:
-    try:
-        executor.spin()
-    except Exception:               # the context was shut down under us
-        pass
+    """Spin until shut down; an error from rclpy's wait-set races is logged, not fatal."""
+    spin_resilient(executor, executor.context, logging.getLogger("mdi_llm_ros.executor").warning)
 
 
 def run_node(make_node, num_threads: int | Callable[[object], int] = 2, grace_s: float = 0.5) -> int:
