@@ -158,17 +158,3 @@ def test_paged_cache_reuses_released_blocks_and_grows(tiny_dir):
         torch.testing.assert_close(b, fresh.forward(rid, step, pos, h), rtol=1e-5, atol=1e-5)
     assert paged.release_all() == 12 and paged.pool.blocks_in_use == 0
 
-
-def test_lone_request_reads_its_blocks_through_a_view_with_the_same_floats(tiny_dir):
-    """Consecutive blocks are read as a view, scattered ones are gathered; both give the same bits."""
-    info = load_model_info(tiny_dir)
-    alone, shared = ChunkExecutor(info, 0, 3), ChunkExecutor(info, 0, 3)
-    gen = torch.Generator().manual_seed(9)
-    prompt = torch.randn(1, 10, 64, generator=gen)
-    alone.forward(0, 0, 0, prompt)
-    shared.forward(0, 0, 0, prompt)
-    shared.forward(1, 0, 0, torch.randn(1, 10, 64, generator=gen))   # takes the block after request 0's
-    for step in range(1, 12):
-        h = torch.randn(1, 1, 64, generator=gen)
-        assert torch.equal(alone.forward(0, step, 9 + step, h), shared.forward(0, step, 9 + step, h))
-    assert alone.caches[0].blocks == [1, 2] and shared.caches[0].blocks == [1, 3]

@@ -115,11 +115,6 @@ class KVBatch:
         width = -(-self.length // BLOCK_TOKENS)
         self.table = torch.tensor([b for c in caches for b in c.blocks[:width] + [0] * (width - len(c.blocks))],
                                   device=dev)                                  # (rows * blocks,) row-major
-        # One request whose blocks follow each other in the pool (the usual case when it runs
-        # alone) is read through a view: no copy of its whole cache per layer and step.
-        first = caches[0].blocks[0] if len(caches) == 1 else -1
-        self.span = slice(first, first + width) if first >= 0 and caches[0].blocks[:width] == list(
-            range(first, first + width)) else None
 
     def mask(self) -> torch.Tensor:
         """(rows, 1, 1, length) bool: True where a row has a cached (or its new) position."""
@@ -132,12 +127,11 @@ class KVBatch:
         rows, heads, _, dim = key_states.shape
         keys[self.write_blocks, self.write_offsets] = key_states.transpose(1, 2).reshape(-1, heads, dim)
         values[self.write_blocks, self.write_offsets] = value_states.transpose(1, 2).reshape(-1, heads, dim)
-        if self.span is not None:
-            k, v = keys[self.span], values[self.span]
-        else:   # index_select copies whole blocks (memcpy); advanced indexing is several times slower
-            k, v = keys.index_select(0, self.table), values.index_select(0, self.table)
-        k = k.reshape(rows, -1, heads, dim)[:, :self.length].transpose(1, 2)
-        v = v.reshape(rows, -1, heads, dim)[:, :self.length].transpose(1, 2)
+        # index_select copies whole blocks (memcpy); advanced indexing is several times slower.
+        # Reading one request's consecutive blocks through a view instead of this copy was slower
+        # (20.0 against 17.6 ms for a 10-layer decode step at 1500 positions).
+        k = keys.index_select(0, self.table).view(rows, -1, heads, dim)[:, :self.length].transpose(1, 2)
+        v = values.index_select(0, self.table).view(rows, -1, heads, dim)[:, :self.length].transpose(1, 2)
         return k, v
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
