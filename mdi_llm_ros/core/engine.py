@@ -15,6 +15,7 @@ import torch
 
 from .chunk import ChunkExecutor
 from .codec import DTYPES
+from .decoder import RMSNorm
 from .errors import ErrorCode, RequestError
 from .models import ModelInfo, TensorReader, meta_model
 from .sampling import SamplingParams
@@ -77,21 +78,6 @@ def validate_params(p: GenerateParams, max_context: int) -> None:
 PLAIN_RMS_NORM = {"llama", "qwen2", "qwen3", "mistral"}   # final norm: weight * x / rms(x)
 
 
-class RMSNorm(torch.nn.Module):
-    """Root-mean-square norm as Llama-family models compute it (in float32, then cast back)."""
-
-    def __init__(self, weight: torch.Tensor, eps: float) -> None:
-        super().__init__()
-        self.weight = torch.nn.Parameter(weight, requires_grad=False)
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.to(torch.float32)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
-
-
 class CoordinatorModel:
     """Tokenizer + embedding (+ optional first layers) + final norm + LM head."""
 
@@ -109,10 +95,12 @@ class CoordinatorModel:
             names.append("lm_head.weight")
         t = self.reader.read(names, self.dtype, str(self.device))
         self.embed = torch.nn.Embedding.from_pretrained(t["model.embed_tokens.weight"], freeze=True)
-        if getattr(info.config, "model_type", "") in PLAIN_RMS_NORM:
-            # the same computation as these models' own RMSNorm, without importing their
-            # modelling code (which costs the coordinator ~15 MB of resident memory)
-            self.norm = RMSNorm(t["model.norm.weight"], float(info.config.rms_norm_eps))
+        if info.model_type in PLAIN_RMS_NORM:
+            # the same computation as these models' own RMSNorm, without building transformers'
+            # config and modelling code (which cost the coordinator resident memory)
+            text = info.raw_config.get("text_config", info.raw_config)
+            self.norm = RMSNorm(info.hidden_size, float(text.get("rms_norm_eps", 1e-6)))
+            self.norm.weight = torch.nn.Parameter(t["model.norm.weight"], requires_grad=False)
         else:
             self.norm = meta_model(info.config).model.norm
             self.norm.to_empty(device=self.device)

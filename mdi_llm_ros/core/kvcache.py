@@ -3,8 +3,10 @@
 Every request's keys and values live in fixed-size blocks of a pool shared by all
 requests of the chunk, so a decode step writes its new entries with one indexed copy
 per layer, a micro-batch gathers its members' caches with one more (no per-request
-loops, no zero-filled padding), memory grows by the block, not by doubling a
-request's buffer, and a released request's blocks are reused at once.
+loops, no zero-filled padding), a request's memory grows by the block, and a released
+request's blocks are reused at once. The pool doubles when no block is free; it is
+allocated empty and blocks are zeroed as they are handed out, so the untouched tail
+of a pool costs no resident memory.
 Block 0 is never handed out and stays zero: it pads the block tables of shorter
 requests in a batch, whose padded positions the attention mask hides.
 """
