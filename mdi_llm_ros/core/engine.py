@@ -15,7 +15,7 @@ import torch
 
 from .chunk import ChunkExecutor
 from .codec import DTYPES
-from .decoder import RMSNorm
+from .decoder import NATIVE_MODEL_TYPES, RMSNorm
 from .errors import ErrorCode, RequestError
 from .models import ModelInfo, TensorReader, meta_model
 from .sampling import SamplingParams
@@ -75,9 +75,6 @@ def validate_params(p: GenerateParams, max_context: int) -> None:
                                f"stop string {s[:20]!r} must have 1..{MAX_STOP_LENGTH} characters")
 
 
-PLAIN_RMS_NORM = {"llama", "qwen2", "qwen3", "mistral"}   # final norm: weight * x / rms(x)
-
-
 class CoordinatorModel:
     """Tokenizer + embedding (+ optional first layers) + final norm + LM head."""
 
@@ -95,11 +92,10 @@ class CoordinatorModel:
             names.append("lm_head.weight")
         t = self.reader.read(names, self.dtype, str(self.device))
         self.embed = torch.nn.Embedding.from_pretrained(t["model.embed_tokens.weight"], freeze=True)
-        if info.model_type in PLAIN_RMS_NORM:
+        if info.model_type in NATIVE_MODEL_TYPES:
             # the same computation as these models' own RMSNorm, without building transformers'
             # config and modelling code (which cost the coordinator resident memory)
-            text = info.raw_config.get("text_config", info.raw_config)
-            self.norm = RMSNorm(info.hidden_size, float(text.get("rms_norm_eps", 1e-6)))
+            self.norm = RMSNorm(info.hidden_size, float(info.text_config.get("rms_norm_eps", 1e-6)))
             self.norm.weight = torch.nn.Parameter(t["model.norm.weight"], requires_grad=False)
         else:
             self.norm = meta_model(info.config).model.norm

@@ -84,8 +84,9 @@ class KVPool:
     def _pools(self, i: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.keys[i] is None:
             shape = (self.num_blocks, BLOCK_TOKENS, like.shape[1], like.shape[-1])
-            # empty, not zeros: pages of blocks never handed out are never touched (not resident);
-            # block 0 (padding) and blocks already handed out are zeroed here, later ones by `reserve`
+            # empty, not zeros: pages of blocks not yet handed out stay untouched until the pool
+            # grows; block 0 (padding) and blocks already handed out are zeroed here, later ones
+            # by `reserve`
             self.keys[i] = torch.empty(shape, device=self.device, dtype=self.dtype)
             self.values[i] = torch.empty(shape, device=self.device, dtype=self.dtype)
             free = set(self.free)

@@ -171,8 +171,13 @@ class ModelInfo:
         return AutoConfig.from_pretrained(self.path)
 
     @property
+    def text_config(self) -> dict:
+        """The language model's part of config.json (multimodal configs nest it)."""
+        return self.raw_config.get("text_config", self.raw_config)
+
+    @property
     def model_type(self) -> str:
-        return str(self.raw_config.get("text_config", self.raw_config).get("model_type", ""))
+        return str(self.text_config.get("model_type", ""))
 
     def layer_prefix(self, index: int) -> str:
         return f"model.layers.{index}."
@@ -201,7 +206,6 @@ def _safetensors_layout(path: Path) -> tuple[dict, int]:
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         return json.loads(f.read(n)), 8 + n
-
 
 
 def load_model_info(path: Path) -> ModelInfo:
