@@ -190,10 +190,10 @@ def _drive(spec: dict, workdir: Path, prefix: tuple[str, ...] = (), on_mark=None
     return json.loads(lines[-1])
 
 
-def ring_config(model: str, k: int, max_n: int, lab=None) -> dict:
+def ring_config(model: str, k: int, max_n: int, lab=None, kernels: str = "exact") -> dict:
     """The bench's cluster config: K chunk nodes; on a lab, coordinator + chunk_0 on robot_0 and
     chunk_i on robot_i, with discovery over the lab's subnet and UDP only (no shared memory)."""
-    cfg: dict = {"model": {"name": model, "dtype": "float32", "max_context": 2048},
+    cfg: dict = {"model": {"name": model, "dtype": "float32", "max_context": 2048, "kernels": kernels},
                  "coordinator": {"max_inflight": max_n, "queue_limit": max_n},
                  "chunks": [{"name": f"chunk_{i}"} for i in range(k)]}
     if lab is not None:
@@ -206,7 +206,8 @@ def ring_config(model: str, k: int, max_n: int, lab=None) -> dict:
 
 
 def run_ring(model: str, k: int, ns: list[int], tokens: int, *, pin: bool, threads: int | None,
-             references: dict[str, str], workdir: Path, rates: list[str | None] | None = None) -> dict:
+             references: dict[str, str], workdir: Path, rates: list[str | None] | None = None,
+             kernels: str = "exact") -> dict:
     """Start a ring of K chunk nodes, drive N concurrent requests for each N, stop it.
 
     rates: None runs everything on this host's network (shared memory + loopback); a list
@@ -221,8 +222,9 @@ def run_ring(model: str, k: int, ns: list[int], tokens: int, *, pin: bool, threa
     lab = None
     if rates is not None:
         lab = NetLab(hosts=[f"robot_{i}" for i in range(k)] + ["client"], name=f"mdibench{os.getpid() % 10000}")
-    cfg_path = workdir / f"ring_k{k}{'_netlab' if lab else ''}.yaml"
-    cfg_path.write_text(yaml.safe_dump(ring_config(model, k, max(ns), lab)))
+    name = f"ring_k{k}_{kernels}{'_netlab' if lab else ''}"
+    cfg_path = workdir / f"{name}.yaml"
+    cfg_path.write_text(yaml.safe_dump(ring_config(model, k, max(ns), lab, kernels)))
     env = dict(os.environ)
     if threads:
         env["MDI_TORCH_THREADS"] = str(threads)
@@ -230,7 +232,7 @@ def run_ring(model: str, k: int, ns: list[int], tokens: int, *, pin: bool, threa
     if lab is not None:
         lab.up()
         specs = [replace(s, prefix=lab.exec_prefix(s.host)) for s in specs]
-    log = open(workdir / f"ring_k{k}{'_netlab' if lab else ''}.log", "w")   # the nodes' logs, for a failed run
+    log = open(workdir / f"{name}.log", "w")   # the nodes' logs, for a failed run
     cluster = Cluster(specs, out=log, env=env, pin_cores=pin)
     cluster.start()
     scenarios = []
@@ -242,17 +244,17 @@ def run_ring(model: str, k: int, ns: list[int], tokens: int, *, pin: bool, threa
             for n in ns:
                 marks: dict[str, dict] = {}
                 spec = {"config": str(cfg_path), "n": n, "tokens": tokens, "references": references,
-                        "tag": f"k{k}_{network.replace(' ', '_')}"}
+                        "tag": f"k{k}_{kernels}_{network.replace(' ', '_')}"}
                 s = _drive(spec, workdir, lab.exec_prefix("client") if lab else (),
                            on_mark=(lambda word: marks.__setitem__(word, lab.counters())) if lab else None)
-                s.update(k=k, network=network, rate=rate)
+                s.update(k=k, network=network, rate=rate, kernels=kernels)
                 if lab is not None:
                     # every byte the devices put on their links while the requests ran: ring
                     # activations, service calls and replies, DDS acks and heartbeats
                     sent = sum(marks["DONE"][h]["tx_bytes"] - marks["READY"][h]["tx_bytes"] for h in lab.hosts)
                     s["link_bytes_per_token"] = sent / s["tokens"] if s["tokens"] else 0
                 scenarios.append(s)
-                _log(f"ring K={k} N={n} ({network}): {s['tokens_per_s']:.1f} tokens/s, "
+                _log(f"{_label(s)} N={n} ({network}): {s['tokens_per_s']:.1f} tokens/s, "
                      f"identical={s['greedy_identical']}")
         peaks = cluster.peak_rss()
     finally:
@@ -260,7 +262,8 @@ def run_ring(model: str, k: int, ns: list[int], tokens: int, *, pin: bool, threa
         log.close()
         if lab is not None:
             lab.down()
-    return {"k": k, "network": "localhost" if lab is None else "netns", "scenarios": scenarios, "peak_rss": peaks}
+    return {"k": k, "kernels": kernels, "network": "localhost" if lab is None else "netns", "scenarios": scenarios,
+            "peak_rss": peaks}
 
 
 # --- report ------------------------------------------------------------------------------
@@ -297,7 +300,7 @@ def markdown(res: dict) -> str:
         lines.append(f"| transformers {b['mode']} N={b['n']} | {b['peak_rss'] / 1e6:.0f} |")
     for ring in res["rings"]:
         where = "" if ring.get("network", "localhost") == "localhost" else f" ({ring['network']})"
-        lines.append(f"| ring K={ring['k']}{where} | "
+        lines.append(f"| {_ring_label(ring)}{where} | "
                      + ", ".join(f"{n} {v / 1e6:.0f}" for n, v in ring["peak_rss"].items()) + " |")
     lab = [s for ring in res["rings"] for s in ring["scenarios"] if s.get("network", "localhost") != "localhost"]
     if lab:
@@ -315,9 +318,13 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
+def _ring_label(ring: dict) -> str:
+    return f"ring K={ring['k']}" + (" packed" if ring.get("kernels", "exact") == "packed" else "")
+
+
 def _label(s: dict) -> str:
     network = s.get("network", "localhost")
-    return f"ring K={s['k']}" + ("" if network == "localhost" else f", {network}")
+    return _ring_label(s) + ("" if network == "localhost" else f", {network}")
 
 
 def plot(res: dict, path: Path) -> None:
@@ -346,7 +353,8 @@ def plot(res: dict, path: Path) -> None:
     for ring in res["rings"]:
         for name, v in ring["peak_rss"].items():
             where = "" if ring.get("network", "localhost") == "localhost" else " ns"
-            labels.append(f"K{ring['k']}{where} {name.replace('chunk_', 'c')}")
+            packed = "p" if ring.get("kernels", "exact") == "packed" else ""
+            labels.append(f"K{ring['k']}{packed}{where} {name.replace('chunk_', 'c')}")
             values.append(v / 1e6)
     bx.bar(range(len(values)), values)
     bx.set_xticks(range(len(values)), labels, rotation=60, ha="right", fontsize=8)
@@ -357,7 +365,7 @@ def plot(res: dict, path: Path) -> None:
 
 def run_bench(*, quick: bool, pin: bool, threads: int | None, model: str, out_dir: Path,
               ks: list[int] | None = None, ns: list[int] | None = None, tokens: int | None = None,
-              netlab: bool = False, rate: str = "20mbit") -> dict:
+              netlab: bool = False, rate: str = "20mbit", kernels: list[str] | None = None) -> dict:
     from .core.models import resolve_model_dir
     model_dir = str(resolve_model_dir(model))
     rates = None
@@ -373,8 +381,14 @@ def run_bench(*, quick: bool, pin: bool, threads: int | None, model: str, out_di
     ks = ks or ([1, 3] if quick else [1, 2, 3])
     ns = ns or ([1, 4] if quick else [1, 2, 4, 8, 16])
     tokens = tokens or (24 if quick else 64)
+    kernels = kernels or (["exact"] if netlab else ["exact", "packed"])
+    from .core.config import KERNEL_CHOICES
+    from .core.errors import ConfigError
+    if bad := [x for x in kernels if x not in KERNEL_CHOICES]:
+        raise ConfigError(f"--kernels: {bad[0]!r} is not one of {', '.join(KERNEL_CHOICES)}")
     cores = len(os.sched_getaffinity(0))
     res = {"model": model, "tokens": tokens, "pin": pin, "threads": threads, "quick": quick, "netlab": netlab,
+           "kernels": kernels,
            "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "baselines": [], "rings": []}
     _log(f"baselines: transformers sequential and batched ({cores} threads)")
     seq = run_baseline("sequential", model_dir, len(PROMPTS), tokens, cores)
@@ -386,10 +400,11 @@ def run_bench(*, quick: bool, pin: bool, threads: int | None, model: str, out_di
     stamp = time.strftime("%Y%m%d-%H%M%S")
     logs = out_dir / f"{stamp}-logs"
     logs.mkdir(parents=True, exist_ok=True)
-    for k in ks:
-        _log(f"ring with K={k} chunk nodes, N in {ns} (node logs: {logs})")
-        res["rings"].append(run_ring(model, k, ns, tokens, pin=pin, threads=threads, references=references,
-                                     workdir=logs, rates=rates))
+    for kern in kernels:
+        for k in ks:
+            _log(f"ring with K={k} chunk nodes, {kern} kernels, N in {ns} (node logs: {logs})")
+            res["rings"].append(run_ring(model, k, ns, tokens, pin=pin, threads=threads, references=references,
+                                         workdir=logs, rates=rates, kernels=kern))
     (out_dir / f"{stamp}.json").write_text(json.dumps(res, indent=1))
     table = markdown(res)
     (out_dir / f"{stamp}.md").write_text(table + "\n")

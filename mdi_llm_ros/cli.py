@@ -148,7 +148,8 @@ def cmd_bench(args) -> int:
         return [int(x) for x in text.split(",")] if text else None
     res = run_bench(quick=args.quick, pin=args.pin, threads=args.threads, model=args.model,
                     out_dir=Path(args.out), ks=ints(args.k), ns=ints(args.n), tokens=args.tokens,
-                    netlab=args.netlab, rate=args.rate)
+                    netlab=args.netlab, rate=args.rate,
+                    kernels=args.kernels.split(",") if args.kernels else None)
     ok = all(s["ok"] for ring in res["rings"] for s in ring["scenarios"])
     return 0 if ok else 1
 
@@ -212,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, help="new tokens per request (default 64; quick 24)")
     p.add_argument("--pin", action="store_true", help="pin node i to core i mod cores")
     p.add_argument("--threads", type=int, help="torch threads per node (default: cores / nodes)")
+    p.add_argument("--kernels", help="comma-separated model.kernels to run the rings with "
+                                     "(default exact,packed; with --netlab exact)")
     p.add_argument("--out", default="bench/results", help="where results go (default bench/results)")
     p.add_argument("--netlab", action="store_true",
                    help="run the ring across emulated devices (network namespaces, needs root), "

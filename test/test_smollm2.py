@@ -37,8 +37,10 @@ def test_prepare_is_idempotent(smol_dir):
     assert any("already prepared" in line for line in logs)
 
 
-def test_three_chunk_ring_matches_transformers_greedy(smol_dir, hf_model):
-    cfg = parse_config({"model": {"name": str(smol_dir)}, "chunks": [{"name": "a"}, {"name": "b"}, {"name": "c"}]})
+@pytest.mark.parametrize("kernels", ["exact", "packed"])
+def test_three_chunk_ring_matches_transformers_greedy(smol_dir, hf_model, kernels):
+    cfg = parse_config({"model": {"name": str(smol_dir), "kernels": kernels},
+                        "chunks": [{"name": "a"}, {"name": "b"}, {"name": "c"}]})
     info = load_model_info(smol_dir)
     ring = LocalRing(make_plan(cfg, info), info)
     for prompt, chat in PROMPTS:

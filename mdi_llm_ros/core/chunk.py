@@ -17,6 +17,7 @@ from torch import nn
 from .codec import DTYPES
 from .decoder import NATIVE_MODEL_TYPES, DecoderSpec, DecoderStack
 from .errors import ActivationRejected
+from .kernels import KERNELS, pack_linears, packed_unsupported
 from .kvcache import KVBatch, KVPool, RequestKVCache
 from .models import ModelError, ModelInfo, TensorReader, meta_model
 
@@ -39,12 +40,18 @@ class ChunkExecutor:
 
     def __init__(self, info: ModelInfo, start: int, end: int, *, device: str = "cpu",
                  dtype: str = "float32", max_cached_requests: int = 64,
-                 cache_idle_timeout_s: float = 600.0, reader: TensorReader | None = None) -> None:
+                 cache_idle_timeout_s: float = 600.0, reader: TensorReader | None = None,
+                 kernels: str = "exact") -> None:
         if not 0 <= start < end <= info.num_layers:
             raise ValueError(f"layer range [{start}, {end}) is outside the model's {info.num_layers} layers")
         self.start, self.end = start, end
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
+        if kernels not in KERNELS:
+            raise ValueError(f"kernels {kernels!r} is not one of {', '.join(KERNELS)}")
+        if kernels == "packed" and (why := packed_unsupported(self.device, self.dtype)):
+            raise ModelError(f"model.kernels is packed, but {why}; set model.kernels: exact")
+        self.kernels = kernels
         self.max_cached_requests = max_cached_requests
         self.cache_idle_timeout_s = cache_idle_timeout_s
         self.caches: dict[int, RequestKVCache] = {}
@@ -75,15 +82,24 @@ class ChunkExecutor:
             layers.to_empty(device=self.device)
         # Native layers stay on the meta device until their tensors are assigned: allocating
         # empty parameters first added ~35 MB to the chunk's resident memory (SmolLM2, 15 layers).
-        names = {f"model.layers.{start + j}.{k}": (j, k)
-                 for j, layer in enumerate(layers) for k in layer.state_dict()}
-        tensors = self.reader.read(names, self.dtype, str(self.device))
-        state = {f"{j}.{k}": tensors[n] for n, (j, k) in names.items()}
-        layers.load_state_dict(state, strict=True, assign=True)
+        self.parameter_bytes = 0
+        # Packed kernels load one layer at a time and pack it before reading the next, so the
+        # plain and the packed copy of the weights are never both held for more than one layer.
+        groups = [list(range(len(layers)))] if kernels == "exact" else [[j] for j in range(len(layers))]
+        for group in groups:
+            names = {f"model.layers.{start + j}.{k}": (j, k) for j in group for k in layers[j].state_dict()}
+            tensors = self.reader.read(names, self.dtype, str(self.device))
+            self.parameter_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
+            for j in group:
+                layers[j].load_state_dict({k: tensors[n] for n, (jj, k) in names.items() if jj == j},
+                                          strict=True, assign=True)
+            del tensors
+            if kernels == "packed":
+                for j in group:
+                    pack_linears(layers[j])     # the reordered weights replace the plain ones
         self.layers = layers.eval()
         if self.native is not None:
             self.native.eval()
-        self.parameter_bytes = sum(p.numel() * p.element_size() for p in self.layers.parameters())
         self.pool = KVPool(start, end - start, device=self.device, dtype=self.dtype)
 
     @property
@@ -113,15 +129,8 @@ class ChunkExecutor:
         Weights are read once for the whole batch. Returns one output (1, 1, hidden) or the
         ActivationRejected of each item; a rejected item does not affect the others.
         """
-        out: list[torch.Tensor | Exception] = [None] * len(items)  # type: ignore[list-item]
-        good, caches = [], []
         with self._lock:
-            for i, (rid, step, position, hidden) in enumerate(items):
-                try:
-                    caches.append(self._cache_for(rid, step, position, hidden, False))
-                    good.append(i)
-                except ActivationRejected as exc:
-                    out[i] = exc
+            out, good, caches = self._caches_for(items, prefill=False)
             if not good:
                 return out
             self.stats.decode_forwards += 1
@@ -132,15 +141,47 @@ class ChunkExecutor:
             out[i] = y[row:row + 1]
         return out
 
+    @torch.inference_mode()
+    def forward_prefill_batch(self, items: list[tuple[int, int, int, torch.Tensor]]) -> list[torch.Tensor | Exception]:
+        """Several requests' prefills (prompts of any lengths) in one padded forward.
+
+        items: (request_id, step, position 0, hidden (1, seq_i, hidden_size)) of distinct
+        requests. Prompts that arrive together share one read of the weights instead of one
+        each. Returns each item's output (1, seq_i, hidden) or its ActivationRejected. Chunks
+        on transformers' layers, and a single item, run the prefills one by one (a lone
+        prefill stays on the exact single-request path).
+        """
+        if len(items) == 1 or self.native is None:
+            alone: list[torch.Tensor | Exception] = []
+            for rid, step, position, hidden in items:
+                try:
+                    alone.append(self.forward(rid, step, position, hidden, prefill=True))
+                except ActivationRejected as exc:
+                    alone.append(exc)
+            return alone
+        with self._lock:
+            out, good, caches = self._caches_for(items, prefill=True)
+            if not good:
+                return out
+            lengths = [items[i][3].shape[1] for i in good]
+            x = items[good[0]][3].new_zeros((len(good), max(lengths), self.hidden_size))   # (batch, seq, hidden)
+            for row, i in enumerate(good):
+                x[row, :lengths[row]] = items[i][3][0]
+            y = self._run(caches, [items[i][1] for i in good], [0] * len(good), x, valid=lengths)
+        for row, i in enumerate(good):
+            out[i] = y[row:row + 1, :lengths[row]]
+        return out
+
     def _run(self, caches: list[RequestKVCache], steps: list[int], positions: list[int],
-             hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: (batch, seq, hidden); batch > 1 only for single-token decode steps."""
+             hidden: torch.Tensor, valid: list[int] | None = None) -> torch.Tensor:
+        """hidden: (batch, seq, hidden). batch > 1: single-token decode steps, or prefills
+        (positions 0) right-padded to one length, with `valid` giving each row's real length."""
         x = hidden.to(device=self.device, dtype=self.dtype)
         batch, seq = x.shape[0], x.shape[1]
-        kv = KVBatch(self.pool, caches, positions, seq)
+        kv = KVBatch(self.pool, caches, positions, seq, valid=valid)
         position_ids = (torch.tensor(positions, device=self.device)[:, None]
                         + torch.arange(seq, device=self.device)[None, :])                    # (batch, seq)
-        mask = kv.mask() if batch > 1 else None                                               # (batch, 1, 1, L)
+        mask = kv.mask(seq) if batch > 1 else None                                           # (batch, 1, seq, L)
         if self.native is not None:
             x = self.native(x, position_ids, kv, mask)
         else:
@@ -153,6 +194,19 @@ class ChunkExecutor:
             cache.length, cache.last_step, cache.last_used = length, step, now
         self.stats.tokens_processed += batch * seq
         return x
+
+    def _caches_for(self, items: list[tuple[int, int, int, torch.Tensor]], prefill: bool
+                    ) -> tuple[list, list[int], list[RequestKVCache]]:
+        """Each item's cache, or its rejection in `out`: (out, indices of accepted items, their caches)."""
+        out: list[torch.Tensor | Exception | None] = [None] * len(items)
+        good, caches = [], []
+        for i, (rid, step, position, hidden) in enumerate(items):
+            try:
+                caches.append(self._cache_for(rid, step, position, hidden, prefill))
+                good.append(i)
+            except ActivationRejected as exc:
+                out[i] = exc
+        return out, good, caches
 
     def _cache_for(self, request_id: int, step: int, position: int, hidden: torch.Tensor,
                    prefill: bool) -> RequestKVCache:

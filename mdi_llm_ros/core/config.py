@@ -17,6 +17,7 @@ import yaml
 from .errors import ConfigError
 
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+KERNEL_CHOICES = ("exact", "packed")   # as core.kernels.KERNELS (config stays free of torch)
 DISCOVERY_RANGES = ("SUBNET", "LOCALHOST", "OFF", "SYSTEM_DEFAULT")
 # cluster.transport -> FASTDDS_BUILTIN_TRANSPORTS ("default": leave Fast DDS's own choice)
 TRANSPORTS = {"default": None, "udp": "UDPv4", "shm": "SHM", "large_data": "LARGE_DATA"}
@@ -39,6 +40,7 @@ class ModelConfig:
     name: str                      # prepared model name or local Hugging Face folder
     dtype: str = "float32"
     max_context: int | None = None  # None: the model's max_position_embeddings
+    kernels: str = "exact"          # core.kernels.KERNELS: exact (bit-identical to transformers) | packed
 
 
 @dataclass(frozen=True)
@@ -216,12 +218,18 @@ def parse_config(data: Any, source: str = "<dict>") -> ClusterConfig:
     if placement not in PLACEMENTS:
         raise ConfigError(f"cluster.placement: {placement!r} is not a placement; use one of {', '.join(PLACEMENTS)}")
 
-    m = _check_keys(top["model"], "model", {"name", "dtype", "max_context"}, {"name"})
+    m = _check_keys(top["model"], "model", {"name", "dtype", "max_context", "kernels"}, {"name"})
     dtype = m.get("dtype", "float32")
     if dtype not in DTYPE_CHOICES:
         raise ConfigError(f"model.dtype: {dtype!r} is not supported; use one of {', '.join(DTYPE_CHOICES)}")
+    kernels = m.get("kernels", "exact")
+    if kernels not in KERNEL_CHOICES:
+        raise ConfigError(f"model.kernels: {kernels!r} is not a choice; use one of {', '.join(KERNEL_CHOICES)}")
+    if kernels == "packed" and dtype != "float32":
+        raise ConfigError(f"model.kernels: packed computes float32 only; set model.dtype: float32 "
+                          f"(is {dtype}) or model.kernels: exact")
     model = ModelConfig(name=_str(m, "name", "model", None), dtype=dtype,
-                        max_context=_int(m, "max_context", "model", None, minimum=2))
+                        max_context=_int(m, "max_context", "model", None, minimum=2), kernels=kernels)
 
     c = _check_keys(top.get("coordinator", {}) or {}, "coordinator",
                     {"host", "device", "layers", "max_inflight", "queue_limit", "request_timeout_s",
@@ -306,6 +314,12 @@ def parse_config(data: Any, source: str = "<dict>") -> ClusterConfig:
                     f"order, so this chunk must start at layer {expected}")
             expected = end
 
+    if kernels == "packed":
+        for where, dev in [("coordinator", coordinator.device)] + [(f"chunks[{i}]", ch.device)
+                                                                   for i, ch in enumerate(chunks)]:
+            if dev != "cpu":
+                raise ConfigError(f"{where}.device: {dev!r}, but model.kernels: packed runs on the CPU only; "
+                                  "use device: cpu or model.kernels: exact")
     return ClusterConfig(namespace=namespace.strip("/"), model=model, coordinator=coordinator,
                          chunks=tuple(chunks), heartbeat_period_s=heartbeat, discovery=discovery,
                          placement=placement, source=source)

@@ -186,7 +186,8 @@ class Attention(nn.Module):
                                                  scale=self.scaling, is_causal=False)
             out = out.reshape(batch, -1, seq, self.head_dim)
         else:
-            # prefill under a sliding window: explicit mask, keys repeated per query head
+            # prefill with a mask (a sliding window, or right-padded prompts of a batched
+            # prefill): keys repeated per query head
             if self.groups > 1:
                 keys = keys.repeat_interleave(self.groups, dim=1)
                 values = values.repeat_interleave(self.groups, dim=1)
@@ -239,7 +240,8 @@ class DecoderStack(nn.Module):
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: (batch, seq, hidden); position_ids: (batch, seq); `kv` holds one request per row.
 
-        batch > 1 needs seq == 1 and `mask` (batch, 1, 1, kv.length) hiding each row's padding.
+        batch > 1 needs `mask` (batch, 1, seq, kv.length): each row's padding hidden, and for
+        seq > 1 (a batched prefill) causal too.
         """
         cos, sin = self.rotary(x.dtype, position_ids)
         masks: dict[int | None, torch.Tensor | None] = {None: mask}

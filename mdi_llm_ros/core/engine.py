@@ -6,10 +6,12 @@ the final norm and the LM head. Chunk nodes hold everything in between.
 """
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import unicodedata
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -17,7 +19,8 @@ from .chunk import ChunkExecutor
 from .codec import DTYPES
 from .decoder import NATIVE_MODEL_TYPES, RMSNorm
 from .errors import ErrorCode, RequestError
-from .models import ModelInfo, TensorReader, meta_model
+from .kernels import KERNELS, PackedHead, packed_unsupported
+from .models import ModelError, ModelInfo, TensorReader, meta_model
 from .sampling import SamplingParams
 
 MAX_STOP_STRINGS = 8
@@ -79,19 +82,36 @@ class CoordinatorModel:
     """Tokenizer + embedding (+ optional first layers) + final norm + LM head."""
 
     def __init__(self, info: ModelInfo, *, device: str = "cpu", dtype: str = "float32",
-                 layers: tuple[int, int] | None = None, max_cached_requests: int = 64) -> None:
+                 layers: tuple[int, int] | None = None, max_cached_requests: int = 64,
+                 kernels: str = "exact") -> None:
         from transformers import AutoTokenizer, GenerationConfig
         self.info = info
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
         self.tokenizer = AutoTokenizer.from_pretrained(info.path)
         self._tokenizer_lock = threading.Lock()
+        if kernels not in KERNELS:
+            raise ValueError(f"kernels {kernels!r} is not one of {', '.join(KERNELS)}")
+        if kernels == "packed" and (why := packed_unsupported(self.device, self.dtype)):
+            raise ModelError(f"model.kernels is packed, but {why}; set model.kernels: exact")
+        self.kernels = kernels
         self.reader = TensorReader(info)
-        names = ["model.embed_tokens.weight", "model.norm.weight"]
-        if not info.tied_embeddings:
-            names.append("lm_head.weight")
-        t = self.reader.read(names, self.dtype, str(self.device))
-        self.embed = torch.nn.Embedding.from_pretrained(t["model.embed_tokens.weight"], freeze=True)
+        if kernels == "packed":
+            # the head keeps only its reordered copy; embedding rows are read when looked up
+            t = self.reader.read(["model.norm.weight"], self.dtype, str(self.device))
+            self.embed = self.reader.rows("model.embed_tokens.weight", self.dtype)
+            head_rows = self.embed if info.tied_embeddings else self.reader.rows("lm_head.weight", self.dtype)
+            self.head: Callable[[torch.Tensor], torch.Tensor] = PackedHead(head_rows.block, head_rows.shape[0])
+            embed_bytes = self.embed.nbytes
+        else:
+            names = ["model.embed_tokens.weight", "model.norm.weight"]
+            if not info.tied_embeddings:
+                names.append("lm_head.weight")
+            t = self.reader.read(names, self.dtype, str(self.device))
+            self.embed = torch.nn.Embedding.from_pretrained(t["model.embed_tokens.weight"], freeze=True)
+            head_weight = t.get("lm_head.weight", t["model.embed_tokens.weight"])   # (vocab, hidden)
+            self.head = functools.partial(torch.nn.functional.linear, weight=head_weight)
+            embed_bytes = head_weight.numel() * head_weight.element_size()
         if info.model_type in NATIVE_MODEL_TYPES:
             # the same computation as these models' own RMSNorm, without building transformers'
             # config and modelling code (which cost the coordinator resident memory)
@@ -101,11 +121,11 @@ class CoordinatorModel:
             self.norm = meta_model(info.config).model.norm
             self.norm.to_empty(device=self.device)
             self.norm.load_state_dict({"weight": t["model.norm.weight"]}, assign=True)
-        self.head_weight = t.get("lm_head.weight", t["model.embed_tokens.weight"])  # (vocab, hidden)
         self.local_layers: ChunkExecutor | None = None
         if layers is not None and layers[1] > layers[0]:
             self.local_layers = ChunkExecutor(info, layers[0], layers[1], device=device, dtype=dtype,
-                                              max_cached_requests=max_cached_requests, reader=self.reader)
+                                              max_cached_requests=max_cached_requests, reader=self.reader,
+                                              kernels=kernels)
         eos: set[int] = set()
         try:
             gen = GenerationConfig.from_pretrained(info.path)
@@ -116,9 +136,9 @@ class CoordinatorModel:
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_ids = frozenset(eos)
-        self.parameter_bytes = sum(x.numel() * x.element_size() for x in
-                                   [self.embed.weight, self.norm.weight]
-                                   + ([] if info.tied_embeddings else [self.head_weight]))
+        # the model's share held here (embedding, norm, untied head), whichever kernels hold it
+        self.parameter_bytes = (embed_bytes * (1 if info.tied_embeddings else 2)
+                                + self.norm.weight.numel() * self.norm.weight.element_size())
         if self.local_layers is not None:
             self.parameter_bytes += self.local_layers.parameter_bytes
 
@@ -160,7 +180,7 @@ class CoordinatorModel:
     def logits_batch(self, last: torch.Tensor) -> torch.Tensor:
         """(batch, 1, hidden) last positions -> (batch, vocab) float32 logits."""
         x = self.norm(last.to(device=self.device, dtype=self.dtype))
-        return torch.nn.functional.linear(x, self.head_weight)[:, -1].float()
+        return self.head(x)[:, -1].float()
 
 
 class IncrementalDetokenizer:

@@ -103,7 +103,11 @@ class KVBatch:
     transformers' own layers can use it too) and get every cached position back.
     """
 
-    def __init__(self, pool: KVPool, caches: list[RequestKVCache], positions: list[int], seq: int) -> None:
+    def __init__(self, pool: KVPool, caches: list[RequestKVCache], positions: list[int], seq: int,
+                 valid: list[int] | None = None) -> None:
+        """Every row writes `seq` new positions from its own; `valid`: how many of them are real
+        (right-padded prefills), the rest are written but lie beyond the row's length, hidden
+        by the mask and overwritten by the row's next steps."""
         self.pool = pool
         dev = pool.device
         for cache, pos in zip(caches, positions):
@@ -113,16 +117,24 @@ class KVBatch:
                  for c, start in zip(caches, positions) for p in range(start, start + seq)]
         self.write_blocks = torch.tensor([b for b, _ in where], device=dev)    # (rows * seq,)
         self.write_offsets = torch.tensor([o for _, o in where], device=dev)   # (rows * seq,)
-        self.lengths = [p + seq for p in positions]
-        self.length = max(self.lengths)
+        self.lengths = [p + n for p, n in zip(positions, valid or [seq] * len(positions))]
+        self.length = max(p + seq for p in positions)
         width = -(-self.length // BLOCK_TOKENS)
         self.table = torch.tensor([b for c in caches for b in c.blocks[:width] + [0] * (width - len(c.blocks))],
                                   device=dev)                                  # (rows * blocks,) row-major
 
-    def mask(self) -> torch.Tensor:
-        """(rows, 1, 1, length) bool: True where a row has a cached (or its new) position."""
-        lengths = torch.tensor(self.lengths, device=self.pool.device)
-        return (torch.arange(self.length, device=self.pool.device)[None, :] < lengths[:, None])[:, None, None, :]
+    def mask(self, seq: int = 1) -> torch.Tensor:
+        """(rows, 1, seq, length) bool: which positions each new token sees. Decode (seq 1):
+        the row's cached positions and its new one. Prefill (positions 0): causal, and only
+        within the row's real length."""
+        dev = self.pool.device
+        lengths = torch.tensor(self.lengths, device=dev)
+        keys = torch.arange(self.length, device=dev)
+        inside = (keys[None, :] < lengths[:, None])[:, None, None, :]                 # (rows, 1, 1, length)
+        if seq == 1:
+            return inside
+        causal = keys[None, :] <= (self.length - seq + torch.arange(seq, device=dev))[:, None]   # (seq, length)
+        return inside & causal[None, None]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Store new keys/values (rows, kv_heads, seq, head_dim); return all (rows, kv_heads, length, head_dim)."""

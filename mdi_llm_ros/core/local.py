@@ -24,10 +24,11 @@ class LocalRing:
         cfg = plan.config
         coord = plan.coordinator
         self.plan = plan
-        self.model = CoordinatorModel(info, device=coord.device, dtype=plan.dtype,
+        self.model = CoordinatorModel(info, device=coord.device, dtype=plan.dtype, kernels=plan.kernels,
                                       layers=(0, coord.layer_end) if coord.layer_end else None)
         self.handlers = [
             ChunkHandler(ChunkExecutor(info, n.layer_start, n.layer_end, device=n.device, dtype=plan.dtype,
+                                       kernels=plan.kernels,
                                        max_cached_requests=cfg.chunks[n.hop].max_cached_requests,
                                        reader=TensorReader(info)),
                          cluster=cfg.namespace, hop=n.hop)

@@ -291,6 +291,82 @@ class TensorReader:
         return out
 
 
+    def rows(self, name: str, dtype: torch.dtype) -> "TensorRows":
+        """A 2-D tensor whose rows are read from its file when looked up, never held whole."""
+        if name not in self.info.tensor_files:
+            raise ModelError(f"tensor {name!r} is not in {self.info.path}; is this a Llama-family model?")
+        path = self.info.path / self.info.tensor_files[name]
+        header, data_start = _safetensors_layout(path)
+        meta = header[name]
+        stored = _SAFETENSORS_DTYPES.get(meta["dtype"])
+        if stored is None or len(meta["shape"]) != 2:
+            raise ModelError(f"tensor {name!r} in {path}: expected a 2-D float table, got {meta['dtype']} "
+                             f"{meta['shape']}")
+        self.names_read.append(name)
+        return TensorRows(path, data_start + meta["data_offsets"][0], tuple(meta["shape"]), stored, dtype)
+
+
+class TensorRows:
+    """Rows of a table (the token embedding) read with pread when looked up.
+
+    A node that needs a handful of rows per step must not hold the whole table: with
+    packed kernels the LM head keeps its own reordered copy of a tied embedding, and a
+    second, plain copy only for lookups would cost its full size in resident memory.
+    """
+
+    def __init__(self, path: Path, offset: int, shape: tuple[int, int], stored: torch.dtype,
+                 dtype: torch.dtype) -> None:
+        self.path, self.offset, self.shape = path, offset, shape
+        self.stored, self.dtype = stored, dtype
+        self.row_bytes = shape[1] * torch.empty((), dtype=stored).element_size()
+        self.fd = os.open(path, os.O_RDONLY)
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape[0] * self.shape[1] * torch.empty((), dtype=self.dtype).element_size()
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids: (...) integer tensor -> (..., width) rows in `dtype`."""
+        flat = ids.reshape(-1).tolist()
+        bad = [i for i in flat if not 0 <= i < self.shape[0]]
+        if bad:
+            raise IndexError(f"row {bad[0]} is outside the table's {self.shape[0]} rows")
+        buf = bytearray(len(flat) * self.row_bytes)
+        view = memoryview(buf)
+        for k, i in enumerate(flat):
+            got = os.preadv(self.fd, [view[k * self.row_bytes:(k + 1) * self.row_bytes]],
+                            self.offset + i * self.row_bytes)
+            if got != self.row_bytes:
+                raise ModelError(f"{self.path} is truncated (row {i}); prepare the model again")
+        out = torch.frombuffer(buf, dtype=self.stored) if flat else torch.empty(0, dtype=self.stored)
+        return out.view(*ids.shape, self.shape[1]).to(self.dtype)
+
+    def block(self, start: int, end: int, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows [start, end) as a (end - start, width) tensor in `dtype`, in one read; into
+        `buffer` (a former result with at least as many rows) where the dtypes allow."""
+        if not 0 <= start <= end <= self.shape[0]:
+            raise IndexError(f"rows [{start}, {end}) are outside the table's {self.shape[0]} rows")
+        if buffer is not None and buffer.dtype == self.stored and buffer.shape[0] >= end - start:
+            out = buffer[:end - start]
+        else:
+            out = torch.empty((end - start, self.shape[1]), dtype=self.stored)
+        if end > start:
+            view = memoryview(out.view(-1).view(torch.uint8).numpy())
+            got = 0
+            while got < len(view):
+                k = os.preadv(self.fd, [view[got:]], self.offset + start * self.row_bytes + got)
+                if not k:
+                    raise ModelError(f"{self.path} is truncated (rows {start}..{end}); prepare the model again")
+                got += k
+        return out.to(self.dtype)
+
+    def __del__(self) -> None:
+        try:
+            os.close(self.fd)
+        except (OSError, AttributeError):
+            pass
+
+
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
                        "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "I8": torch.int8,
                        "BOOL": torch.bool}

@@ -53,6 +53,10 @@ class ClusterPlan:
         return self.nodes[0]
 
     @property
+    def kernels(self) -> str:
+        return self.config.model.kernels
+
+    @property
     def chunks(self) -> tuple[NodePlan, ...]:
         return self.nodes[1:]
 
@@ -244,7 +248,8 @@ def format_plan(plan: ClusterPlan) -> str:
         layers = f"[{n.layer_start}, {n.layer_end})" if n.num_layers else "-"
         rows.append((n.name, n.role, n.host, n.device, layers, str(n.num_layers),
                      f"{n.weight_bytes / 1e6:.1f}", n.inbound_topic, n.outbound_topic))
-    head = (f"model {plan.model_path} ({plan.num_layers} layers, {plan.dtype}, context {plan.max_context}); "
+    head = (f"model {plan.model_path} ({plan.num_layers} layers, {plan.dtype}, {plan.kernels} kernels, "
+            f"context {plan.max_context}); "
             f"ring of {len(plan.chunks)} chunk nodes; namespace {plan.config.namespace or '(none)'}; "
             f"placement {plan.config.placement}")
     devices = [("device (host)", "nodes", "weights MB", "declared MB", "headroom MB")]

@@ -22,6 +22,10 @@ KIND_PREFILL = 0
 KIND_DECODE = 1
 KIND_RELEASE = 2
 KIND_NAMES = {KIND_PREFILL: "prefill", KIND_DECODE: "decode", KIND_RELEASE: "release"}
+# Prompts that arrive together are prefilled as one padded batch of at most this many
+# positions (rows x longest prompt); a longer one runs alone. Bounds the activations and
+# the attention mask a batched prefill holds.
+PREFILL_BATCH_TOKENS = 2048
 
 
 @dataclass
@@ -86,18 +90,20 @@ class ChunkHandler:
         return self.handle_many([msg])[0]
 
     def handle_many(self, msgs: list[HopMessage]) -> list[HopMessage | None]:
-        """Process messages; decode steps of distinct requests run as one micro-batch (weights
-        read once for all of them). Each request's messages keep their order; a prefill or
-        release of another request runs without splitting the batch. Outputs are in input
-        order. Never raises on bad input."""
+        """Process messages; decode steps of distinct requests run as one micro-batch, and so
+        do prefills (up to PREFILL_BATCH_TOKENS padded positions), so weights are read once for
+        all of them. Each request's messages keep their order; a release of another request
+        runs without splitting a batch. Outputs are in input order. Never raises on bad input."""
         stats = self.executor.stats
         t0 = time.perf_counter()
         out: list[HopMessage | None] = [None] * len(msgs)
-        batch: list[tuple[int, HopMessage, torch.Tensor]] = []
+        decodes: list[tuple[int, HopMessage, torch.Tensor]] = []
+        prefills: list[tuple[int, HopMessage, torch.Tensor]] = []
 
-        def flush() -> None:
-            results = self.executor.forward_decode_batch(
-                [(m.request_id, m.step, m.first_position, h) for _, m, h in batch])
+        def run(batch: list[tuple[int, HopMessage, torch.Tensor]], forward) -> None:
+            if not batch:
+                return
+            results = forward([(m.request_id, m.step, m.first_position, h) for _, m, h in batch])
             for (i, m, _), r in zip(batch, results):
                 if isinstance(r, ActivationRejected):
                     self._drop(r)
@@ -105,26 +111,31 @@ class ChunkHandler:
                     out[i] = HopMessage.with_tensor(r, **self._next_fields(m))
             batch.clear()
 
+        def flush() -> None:
+            run(prefills, self.executor.forward_prefill_batch)
+            run(decodes, self.executor.forward_decode_batch)
+
         for i, msg in enumerate(msgs):
             stats.bytes_received += msg.nbytes
             try:
                 hidden = self._check(msg)
-                if any(m.request_id == msg.request_id for _, m, _ in batch):
+                if any(m.request_id == msg.request_id for _, m, _ in decodes + prefills):
                     flush()             # keep each request's own order; others may pass
                 if msg.kind == KIND_DECODE:
-                    batch.append((i, msg, hidden))
+                    decodes.append((i, msg, hidden))
                 elif msg.kind == KIND_RELEASE:
                     self.executor.release(msg.request_id)
                     self._remember_released(msg.request_id)
                     out[i] = HopMessage(**self._next_fields(msg))
                 else:
                     self.released.discard(msg.request_id)
-                    result = self.executor.forward(msg.request_id, msg.step, msg.first_position, hidden, prefill=True)
-                    out[i] = HopMessage.with_tensor(result, **self._next_fields(msg))
+                    longest = max([hidden.shape[1]] + [h.shape[1] for _, _, h in prefills])
+                    if prefills and longest * (len(prefills) + 1) > PREFILL_BATCH_TOKENS:
+                        run(prefills, self.executor.forward_prefill_batch)
+                    prefills.append((i, msg, hidden))
             except ActivationRejected as exc:
                 self._drop(exc)
-        if batch:
-            flush()
+        flush()
         stats.busy_seconds += time.perf_counter() - t0
         return out
 

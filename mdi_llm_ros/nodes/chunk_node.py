@@ -16,7 +16,7 @@ import time
 from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.node import Node
 
-from mdi_llm_ros.msg import ActivationBatch, NodeStatus
+from mdi_llm_ros.msg import Activation, ActivationBatch, NodeStatus
 
 from ..core.chunk import ChunkExecutor
 from ..core.plan import DTYPE_BYTES, status_topic
@@ -25,6 +25,11 @@ from .common import (RING_QOS, STATUS_QOS, from_batch_msgs, load_plan, make_stat
                      to_batch_msg)
 
 LINK_SETTLE_S = 0.3   # both sides of a new DDS match learn of it at about, not exactly, the same time
+MAX_MERGED_PREFILLS = 64   # ring messages of prompts taken together (handle_many bounds the positions)
+
+
+def prompts_only(batch: ActivationBatch) -> bool:
+    return bool(batch.hops) and all(h.kind == Activation.KIND_PREFILL for h in batch.hops)
 
 
 class ChunkNode(Node):
@@ -50,6 +55,7 @@ class ChunkNode(Node):
         n = self.plan_node
         self.get_logger().info(f"{name}: loading layers [{n.layer_start}, {n.layer_end}) on {n.device} ...")
         executor = ChunkExecutor(info, n.layer_start, n.layer_end, device=n.device, dtype=plan.dtype,
+                                 kernels=plan.kernels,
                                  max_cached_requests=chunk_cfg.max_cached_requests,
                                  cache_idle_timeout_s=chunk_cfg.cache_idle_timeout_s)
         # The largest legal activation: a prefill of the whole context.
@@ -57,6 +63,7 @@ class ChunkNode(Node):
         self.handler = ChunkHandler(executor, cluster=self.cluster, hop=n.hop, max_payload_bytes=max_payload)
         layers = ("own decoder layers" if executor.native is not None
                   else f"transformers' decoder layers ({executor.fallback_reason})")
+        layers += f", {plan.kernels} kernels"
         self.get_logger().info(f"{name}: {executor.parameter_bytes / 1e6:.1f} MB of weights loaded in "
                                f"{time.monotonic() - t0:.1f} s, {layers}; inbound {n.inbound_topic} -> "
                                f"{n.outbound_topic}")
@@ -69,6 +76,7 @@ class ChunkNode(Node):
         self.create_subscription(NodeStatus, status_topic(self.cluster), self.on_status, STATUS_QOS)
         self.create_timer(cfg.heartbeat_period_s, self.publish_status)
         self._stop = threading.Event()
+        self._held: ActivationBatch | None = None   # taken from the inbox, not yet processed
         self._last_drop_log: dict[str, float] = {}
         self.worker = threading.Thread(target=self.work, name="chunk-compute", daemon=True)
         self.worker.start()
@@ -81,12 +89,12 @@ class ChunkNode(Node):
         each wave keeps its place in the pipeline, so every node has one to work on."""
         while not self._stop.is_set():
             try:
-                batch = self.inbox.get(timeout=0.2)
+                batches = self.next_batches()
             except queue.Empty:
                 self.handler.executor.evict_idle()
                 continue
             ready = []
-            for out in self.handler.handle_many(from_batch_msgs([batch])):
+            for out in self.handler.handle_many(from_batch_msgs(batches)):
                 if out is None:
                     self.log_drop()
                 else:
@@ -98,6 +106,24 @@ class ChunkNode(Node):
             except Exception as exc:  # context shut down while publishing
                 if not self._stop.is_set():
                     self.get_logger().error(f"publish failed: {exc}")
+
+    def next_batches(self) -> list[ActivationBatch]:
+        """The next ring message, and with a prompt-only one every prompt-only message queued
+        right behind it: a burst of new requests is prefilled as one batch (one read of the
+        weights), while decode waves are never merged and keep their places."""
+        first = self._held if self._held is not None else self.inbox.get(timeout=0.2)
+        self._held = None
+        batches = [first]
+        while prompts_only(batches[-1]) and len(batches) < MAX_MERGED_PREFILLS:
+            try:
+                nxt = self.inbox.get_nowait()
+            except queue.Empty:
+                break
+            if not prompts_only(nxt):
+                self._held = nxt          # first in line next time
+                break
+            batches.append(nxt)
+        return batches
 
     def log_drop(self) -> None:
         """Log each drop cause at most once per 5 s (a flood must not flood the log)."""

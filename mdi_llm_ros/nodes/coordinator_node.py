@@ -93,7 +93,7 @@ class CoordinatorNode(Node):
         c = plan.coordinator
         set_threads(c.threads)
         t0 = time.monotonic()
-        self.model = CoordinatorModel(info, device=c.device, dtype=plan.dtype,
+        self.model = CoordinatorModel(info, device=c.device, dtype=plan.dtype, kernels=plan.kernels,
                                       layers=(0, c.layer_end) if c.layer_end else None)
         self.get_logger().info(f"coordinator: model parts loaded in {time.monotonic() - t0:.1f} s "
                                f"({self.model.parameter_bytes / 1e6:.1f} MB)")
