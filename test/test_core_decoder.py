@@ -11,7 +11,7 @@ from conftest import make_tiny_model
 from mdi_llm_ros.core import chunk as chunk_module
 from mdi_llm_ros.core.chunk import ChunkExecutor
 from mdi_llm_ros.core.decoder import DecoderSpec
-from mdi_llm_ros.core.kvcache import BLOCK_TOKENS
+from mdi_llm_ros.core.kvcache import BLOCK_TOKENS, KVPool
 from mdi_llm_ros.core.models import ModelError, load_model_info
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,6 +137,9 @@ def test_paged_cache_reuses_released_blocks_and_grows(tiny_dir):
     """Blocks come back on release and are reused; the pool doubles when full; results stay right."""
     info = load_model_info(tiny_dir)
     paged, fresh = ChunkExecutor(info, 0, 2), ChunkExecutor(info, 0, 2)
+    # a CPU chunk starts with room for 256 positions per request: start this one small
+    assert paged.pool.num_blocks == 64 * 256 // BLOCK_TOKENS
+    paged.pool = KVPool(0, 2, device=paged.device, dtype=paged.dtype, blocks=64)
     gen = torch.Generator().manual_seed(5)
     prompt = torch.randn(1, 40, 64, generator=gen)                     # 3 blocks
     paged.forward(1, 0, 0, prompt)

@@ -18,7 +18,7 @@ from .codec import DTYPES
 from .decoder import NATIVE_MODEL_TYPES, DecoderSpec, DecoderStack
 from .errors import ActivationRejected
 from .kernels import KERNELS, pack_linears, packed_unsupported
-from .kvcache import KVBatch, KVPool, RequestKVCache
+from .kvcache import BLOCK_TOKENS, KVBatch, KVPool, RequestKVCache
 from .models import ModelError, ModelInfo, TensorReader, meta_model
 
 
@@ -83,12 +83,18 @@ class ChunkExecutor:
         # Native layers stay on the meta device until their tensors are assigned: allocating
         # empty parameters first added ~35 MB to the chunk's resident memory (SmolLM2, 15 layers).
         self.parameter_bytes = 0
-        # Packed kernels load one layer at a time and pack it before reading the next, so the
-        # plain and the packed copy of the weights are never both held for more than one layer.
+        # Packed kernels load one layer at a time, into one reused buffer, and pack it before
+        # reading the next: the plain and the packed copy of the weights are never both held
+        # for more than one layer, and no freed plain tensors are left as holes in the heap
+        # (fresh tensors per layer cost the node ~30 MB more resident memory).
         groups = [list(range(len(layers)))] if kernels == "exact" else [[j] for j in range(len(layers))]
-        for group in groups:
-            names = {f"model.layers.{start + j}.{k}": (j, k) for j in group for k in layers[j].state_dict()}
-            tensors = self.reader.read(names, self.dtype, str(self.device))
+        group_names = [{f"model.layers.{start + j}.{k}": (j, k) for j in group for k in layers[j].state_dict()}
+                       for group in groups]
+        buffer = None
+        if kernels == "packed":
+            buffer = torch.empty(max(self.reader.stored_bytes(names) for names in group_names), dtype=torch.uint8)
+        for group, names in zip(groups, group_names):
+            tensors = self.reader.read(names, self.dtype, str(self.device), buffer=buffer)
             self.parameter_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
             for j in group:
                 layers[j].load_state_dict({k: tensors[n] for n, (jj, k) in names.items() if jj == j},
@@ -97,10 +103,17 @@ class ChunkExecutor:
             if kernels == "packed":
                 for j in group:
                     pack_linears(layers[j])     # the reordered weights replace the plain ones
+        del buffer
         self.layers = layers.eval()
         if self.native is not None:
             self.native.eval()
-        self.pool = KVPool(start, end - start, device=self.device, dtype=self.dtype)
+        # On the CPU a pool's untouched blocks cost no resident memory (they are allocated
+        # empty and zeroed when handed out), so it starts with room for 256 positions per
+        # request and rarely grows: each doubling copied every layer's pool and left the old
+        # ones as holes in the heap (~20 MB of a K=1 chunk's peak with 16 requests).
+        # Elsewhere (GPU memory is committed when allocated) it starts small and grows.
+        blocks = max(64, max_cached_requests * 256 // BLOCK_TOKENS) if self.device.type == "cpu" else 64
+        self.pool = KVPool(start, end - start, device=self.device, dtype=self.dtype, blocks=blocks)
 
     @property
     def num_cached(self) -> int:

@@ -28,6 +28,14 @@ KERNELS = ("exact", "packed")
 PACK_BATCH_HINT = 8
 
 
+def row_bucket(rows: int) -> int:
+    """The row count a packed matmul of `rows` rows runs with: the next power of two up to 64,
+    then the next multiple of 64 (a few dozen distinct counts for any batch or prompt)."""
+    if rows <= 64:
+        return 1 << max(0, rows - 1).bit_length()
+    return -(-rows // 64) * 64
+
+
 def packed_unsupported(device: torch.device | str, dtype: torch.dtype) -> str | None:
     """Why `packed` cannot run here, or None if it can."""
     if torch.device(device).type != "cpu":
@@ -47,7 +55,7 @@ class PackedLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         # an opaque oneDNN tensor: not a parameter (state_dict and .to() cannot handle it)
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_BATCH_HINT)
-        self.bias = None if bias is None else bias.detach()
+        self.bias = None if bias is None else bias.detach().clone()   # never a view of a load buffer
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "PackedLinear":
@@ -55,7 +63,17 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (..., in_features) -> (..., out_features)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        rows = x.numel() // self.in_features
+        padded = row_bucket(rows)
+        if padded == rows:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        # Every distinct row count compiles (and keeps) oneDNN kernels of its own: prompts of
+        # many lengths grew a chunk node by ~30 MB. Padded rows leave the real rows' results
+        # unchanged (each row is computed the same way for any row count).
+        flat = x.new_zeros((padded, self.in_features))
+        flat[:rows] = x.reshape(rows, self.in_features)
+        out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")[:rows]
+        return out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -89,7 +107,9 @@ class PackedHead(nn.Module):
 
 
 def pack_linears(module: nn.Module) -> int:
-    """Replace every `nn.Linear` inside `module` by a PackedLinear; returns how many."""
+    """Replace every `nn.Linear` inside `module` by a PackedLinear, and give every other
+    parameter (norm weights) storage of its own, so the module holds nothing of the tensors
+    it was loaded from (a reused read buffer); returns how many linears were packed."""
     count = 0
     for name, child in list(module.named_children()):
         if isinstance(child, nn.Linear):
@@ -97,4 +117,6 @@ def pack_linears(module: nn.Module) -> int:
             count += 1
         else:
             count += pack_linears(child)
+    for name, param in list(module.named_parameters(recurse=False)):
+        setattr(module, name, nn.Parameter(param.detach().clone(), requires_grad=False))
     return count

@@ -250,12 +250,16 @@ class TensorReader:
         self.info = info
         self.names_read: list[str] = []
 
-    def read(self, names: Iterable[str], dtype: torch.dtype, device: str = "cpu") -> dict[str, torch.Tensor]:
+    def read(self, names: Iterable[str], dtype: torch.dtype, device: str = "cpu",
+             buffer: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The named tensors in `dtype` on `device`.
 
         Plain reads into freshly allocated tensors, not a memory map: mapped file pages
         would count in the process's resident memory next to the copies, doubling a
-        node's peak memory while it loads.
+        node's peak memory while it loads. With `buffer` (uint8, large enough: see
+        `stored_bytes`), tensors stored in `dtype` for the CPU are read into it instead, as
+        views: a caller that only copies them (into packed weights) reuses one allocation
+        for every group of tensors it reads.
         """
         by_file: dict[str, list[str]] = {}
         for n in names:
@@ -263,6 +267,7 @@ class TensorReader:
                 raise ModelError(f"tensor {n!r} is not in {self.info.path}; is this a Llama-family model?")
             by_file.setdefault(self.info.tensor_files[n], []).append(n)
         out: dict[str, torch.Tensor] = {}
+        used = 0
         for fname, group in by_file.items():
             path = self.info.path / fname
             header, data_start = _safetensors_layout(path)
@@ -273,7 +278,12 @@ class TensorReader:
                     if stored is None:
                         raise ModelError(f"tensor {n!r} in {path} has dtype {meta['dtype']}, which is not supported")
                     start, end = meta["data_offsets"]
-                    tensor = torch.empty(meta["shape"], dtype=stored)
+                    if (buffer is not None and stored == dtype and device == "cpu"
+                            and used + end - start <= buffer.numel()):
+                        tensor = buffer[used:used + end - start].view(stored).view(meta["shape"])
+                        used += -(-(end - start) // 64) * 64            # keep every view aligned
+                    else:
+                        tensor = torch.empty(meta["shape"], dtype=stored)
                     buf = tensor.view(-1).view(torch.uint8).numpy() if tensor.numel() else None
                     if buf is not None:
                         if buf.nbytes != end - start:
@@ -290,6 +300,18 @@ class TensorReader:
                     self.names_read.append(n)
         return out
 
+
+    def stored_bytes(self, names: Iterable[str]) -> int:
+        """Bytes the named tensors take in their files (with `read`'s alignment of views)."""
+        headers: dict[str, dict] = {}
+        total = 0
+        for n in names:
+            fname = self.info.tensor_files[n]
+            if fname not in headers:
+                headers[fname] = _safetensors_layout(self.info.path / fname)[0]
+            start, end = headers[fname][n]["data_offsets"]
+            total += -(-(end - start) // 64) * 64
+        return total
 
     def rows(self, name: str, dtype: torch.dtype) -> "TensorRows":
         """A 2-D tensor whose rows are read from its file when looked up, never held whole."""
