@@ -177,7 +177,7 @@ class ChunkNode(Node):
             self.get_logger().info(f"{st.decode_tokens} decode steps in {st.decode_forwards} forwards "
                                    f"(mean micro-batch {st.decode_tokens / st.decode_forwards:.2f})")
         self._stop.set()
-        self.worker.join(timeout=5)
+        self.worker.join(timeout=2)     # a forward takes well under a second
         self.handler.executor.release_all()
 
 

@@ -6,6 +6,7 @@ convert messages and call it.
 from __future__ import annotations
 
 import array
+import faulthandler
 import logging
 import os
 import signal
@@ -149,10 +150,13 @@ def run_node(make_node, num_threads: int | Callable[[object], int] = 2, grace_s:
         spinner.start()
         while not stop.wait(0.5) and spinner.is_alive():
             pass
+        # Everything below stays well inside the launchers' 10 s before they kill a node; one
+        # that still hangs prints every thread's stack (to its log) after 8 s, saying where.
+        faulthandler.dump_traceback_later(8.0, exit=False)
         node.stop()
         time.sleep(grace_s)
         executor.shutdown(timeout_sec=2.0)
-        spinner.join(timeout=5.0)   # a spin thread left inside rcl at exit aborts the process
+        spinner.join(timeout=3.0)   # a spin thread left inside rcl at exit aborts the process
         return 0
     except (SystemExit, ModelError) as exc:   # a configuration or model problem: say it, exit non-zero
         print(f"[{os.path.basename(sys.argv[0])}] {exc}", file=sys.stderr)
@@ -161,3 +165,4 @@ def run_node(make_node, num_threads: int | Callable[[object], int] = 2, grace_s:
         if node is not None:
             node.destroy_node()
         rclpy.try_shutdown()
+        faulthandler.cancel_dump_traceback_later()

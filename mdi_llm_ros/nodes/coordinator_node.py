@@ -300,9 +300,9 @@ class CoordinatorNode(Node):
 
     def destroy_node(self) -> None:
         self._ring_stop.set()
-        self.ring_worker.join(timeout=5.0)
+        self.ring_worker.join(timeout=2.0)
         self.ring_executor.shutdown(timeout_sec=2.0)
-        self.ring_thread.join(timeout=5.0)
+        self.ring_thread.join(timeout=3.0)
         self.ring_node.destroy_node()
         super().destroy_node()
 
