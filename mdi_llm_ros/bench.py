@@ -133,12 +133,13 @@ def drive_main(argv: list[str]) -> int:
         rclpy.try_shutdown()
     ok = all(r is not None and r.success for r in results)
     generated = sum(r.generated_tokens for r in results if r)
-    first_diff = None
+    first_diff = diverged = None
     for i, r in enumerate(results):
         ref = references[PROMPTS[i % len(PROMPTS)]]
         if r and r.text != ref:
             first_diff = next((j for j, (a, b) in enumerate(zip(r.text, ref)) if a != b),
                               min(len(r.text), len(ref)))
+            diverged = {"prompt": PROMPTS[i % len(PROMPTS)], "text": r.text}
             break
     nbytes = sum(after[x].bytes_received - before[x].bytes_received for x in after if x in before)
     busy = {x: (after[x].busy_seconds - before[x].busy_seconds) / wall for x in after if x in before}
@@ -149,8 +150,57 @@ def drive_main(argv: list[str]) -> int:
         "tokens_per_s": generated / wall, "ttft_p50": _percentile(ttfts, 0.5), "ttft_p95": _percentile(ttfts, 0.95),
         "per_token_ms": 1000 / results[0].tokens_per_second if n == 1 and results[0].tokens_per_second else None,
         "wire_bytes_per_token": nbytes / generated if generated else 0, "busy_share": busy,
-        "greedy_identical": first_diff is None and ok, "first_diverging_char": first_diff}))
+        "greedy_identical": first_diff is None and ok, "first_diverging_char": first_diff,
+        "diverged": diverged}))
     return 0
+
+
+def first_divergence(model, tokenizer, prompt: str, ring_text: str, tokens: int) -> dict:
+    """Where the ring's greedy text leaves `transformers`' own, and how close that step was.
+
+    Returns the first generated token position whose text is not a prefix of the ring's,
+    the token `transformers` picks there and its logit margin over the runner-up: a margin
+    within float noise (~1e-4) means a near tie that summation order alone can flip.
+    """
+    import torch
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        ref = model.generate(ids, max_new_tokens=tokens, do_sample=False)[0, ids.shape[1]:].tolist()
+        position = len(ref)
+        for p in range(1, len(ref) + 1):
+            if not ring_text.startswith(tokenizer.decode(ref[:p], skip_special_tokens=True)):
+                position = p - 1
+                break
+        if position == len(ref):
+            return {"position": None, "margin": None, "token": None}
+        context = torch.tensor([ids[0].tolist() + ref[:position]])
+        top = model(context).logits[0, -1].float().topk(2)
+    return {"position": position, "margin": float(top.values[0] - top.values[1]),
+            "token": tokenizer.decode([ref[position]])}
+
+
+def divergence_main(argv: list[str]) -> int:
+    """Child: python -m mdi_llm_ros.bench --divergence MODEL_DIR TOKENS PROMPT RING_TEXT."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model_dir, tokens, prompt, ring_text = argv[0], int(argv[1]), argv[2], argv[3]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    print(json.dumps(first_divergence(model, AutoTokenizer.from_pretrained(model_dir), prompt, ring_text, tokens)))
+    return 0
+
+
+def _explain_divergences(res: dict, model_dir: str) -> None:
+    """For every ring scenario whose greedy text differs: the diverging token and its margin."""
+    for ring in res["rings"]:
+        for s in ring["scenarios"]:
+            if s.get("diverged"):
+                out = subprocess.run([sys.executable, "-m", "mdi_llm_ros.bench", "--divergence", model_dir,
+                                      str(res["tokens"]), s["diverged"]["prompt"], s["diverged"]["text"]],
+                                     capture_output=True, text=True, timeout=600)
+                if out.returncode == 0:
+                    s["divergence"] = json.loads(out.stdout.strip().splitlines()[-1])
+                    _log(f"{_label(s)} N={s['n']}: greedy text diverges at token {s['divergence']['position']} "
+                         f"(transformers' margin there {s['divergence']['margin']:.2e})")
 
 
 def _handshake(word: str) -> None:
@@ -294,7 +344,7 @@ def markdown(res: dict) -> str:
                           f"{s['per_token_ms']:.1f} | " if s["per_token_ms"] else
                           f"{s['ttft_p50']:.2f} / {s['ttft_p95']:.2f} | | ")
             lines[-1] += (f"{s['wire_bytes_per_token']:.0f} | "
-                          f"{'yes' if s['greedy_identical'] else 'NO (char ' + str(s['first_diverging_char']) + ')'} |")
+                          f"{'yes' if s['greedy_identical'] else _divergence_text(s)} |")
     lines += ["", "| config | peak RSS per process (MB) |", "|---|---|"]
     for b in res["baselines"]:
         lines.append(f"| transformers {b['mode']} N={b['n']} | {b['peak_rss'] / 1e6:.0f} |")
@@ -316,6 +366,13 @@ def markdown(res: dict) -> str:
             lines[-1] += (f"{s['wire_bytes_per_token']:.0f} | {s['link_bytes_per_token']:.0f} | "
                           f"{'yes' if s['greedy_identical'] else 'NO'} |")
     return "\n".join(lines)
+
+
+def _divergence_text(s: dict) -> str:
+    d = s.get("divergence") or {}
+    if d.get("position") is not None:
+        return f"NO (token {d['position']}, margin {d['margin']:.1e})"
+    return f"NO (char {s['first_diverging_char']})"
 
 
 def _ring_label(ring: dict) -> str:
@@ -405,6 +462,7 @@ def run_bench(*, quick: bool, pin: bool, threads: int | None, model: str, out_di
             _log(f"ring with K={k} chunk nodes, {kern} kernels, N in {ns} (node logs: {logs})")
             res["rings"].append(run_ring(model, k, ns, tokens, pin=pin, threads=threads, references=references,
                                          workdir=logs, rates=rates, kernels=kern))
+    _explain_divergences(res, model_dir)
     (out_dir / f"{stamp}.json").write_text(json.dumps(res, indent=1))
     table = markdown(res)
     (out_dir / f"{stamp}.md").write_text(table + "\n")
@@ -419,5 +477,7 @@ if __name__ == "__main__":
         sys.exit(baseline_main(sys.argv[2:]))
     if len(sys.argv) > 1 and sys.argv[1] == "--drive":
         sys.exit(drive_main(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "--divergence":
+        sys.exit(divergence_main(sys.argv[2:]))
     print("use `mdi-llm bench`", file=sys.stderr)
     sys.exit(2)
