@@ -17,7 +17,7 @@ from torch import nn
 from .codec import DTYPES
 from .decoder import NATIVE_MODEL_TYPES, DecoderSpec, DecoderStack
 from .errors import ActivationRejected
-from .kernels import KERNELS, pack_linears, packed_unsupported
+from .kernels import check_kernels, pack_linears
 from .kvcache import BLOCK_TOKENS, KVBatch, KVPool, RequestKVCache
 from .models import ModelError, ModelInfo, TensorReader, meta_model
 
@@ -47,10 +47,7 @@ class ChunkExecutor:
         self.start, self.end = start, end
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
-        if kernels not in KERNELS:
-            raise ValueError(f"kernels {kernels!r} is not one of {', '.join(KERNELS)}")
-        if kernels == "packed" and (why := packed_unsupported(self.device, self.dtype)):
-            raise ModelError(f"model.kernels is packed, but {why}; set model.kernels: exact")
+        check_kernels(kernels, self.device, self.dtype)
         self.kernels = kernels
         self.max_cached_requests = max_cached_requests
         self.cache_idle_timeout_s = cache_idle_timeout_s
@@ -82,27 +79,24 @@ class ChunkExecutor:
             layers.to_empty(device=self.device)
         # Native layers stay on the meta device until their tensors are assigned: allocating
         # empty parameters first added ~35 MB to the chunk's resident memory (SmolLM2, 15 layers).
-        self.parameter_bytes = 0
-        # Packed kernels load one layer at a time, into one reused buffer, and pack it before
-        # reading the next: the plain and the packed copy of the weights are never both held
-        # for more than one layer, and no freed plain tensors are left as holes in the heap
-        # (fresh tensors per layer cost the node ~30 MB more resident memory).
-        groups = [list(range(len(layers)))] if kernels == "exact" else [[j] for j in range(len(layers))]
-        group_names = [{f"model.layers.{start + j}.{k}": (j, k) for j in group for k in layers[j].state_dict()}
-                       for group in groups]
+        # One layer at a time. Packed kernels read each layer into one reused buffer and pack
+        # it before reading the next: the plain and the packed copy of the weights are never
+        # both held for more than one layer, and no freed plain tensors are left as holes in
+        # the heap (fresh tensors per layer cost the node ~30 MB more resident memory).
+        layer_names = [{k: f"model.layers.{start + j}.{k}" for k in layer.state_dict()}
+                       for j, layer in enumerate(layers)]
         buffer = None
         if kernels == "packed":
-            buffer = torch.empty(max(self.reader.stored_bytes(names) for names in group_names), dtype=torch.uint8)
-        for group, names in zip(groups, group_names):
-            tensors = self.reader.read(names, self.dtype, str(self.device), buffer=buffer)
+            buffer = torch.empty(max(self.reader.stored_bytes(names.values()) for names in layer_names),
+                                 dtype=torch.uint8)
+        self.parameter_bytes = 0
+        for layer, names in zip(layers, layer_names):
+            tensors = self.reader.read(names.values(), self.dtype, str(self.device), buffer=buffer)
             self.parameter_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
-            for j in group:
-                layers[j].load_state_dict({k: tensors[n] for n, (jj, k) in names.items() if jj == j},
-                                          strict=True, assign=True)
+            layer.load_state_dict({k: tensors[n] for k, n in names.items()}, strict=True, assign=True)
             del tensors
             if kernels == "packed":
-                for j in group:
-                    pack_linears(layers[j])     # the reordered weights replace the plain ones
+                pack_linears(layer)     # the reordered weights replace the plain ones
         del buffer
         self.layers = layers.eval()
         if self.native is not None:

@@ -19,8 +19,8 @@ from .chunk import ChunkExecutor
 from .codec import DTYPES
 from .decoder import NATIVE_MODEL_TYPES, RMSNorm
 from .errors import ErrorCode, RequestError
-from .kernels import KERNELS, PackedHead, packed_unsupported
-from .models import ModelError, ModelInfo, TensorReader, meta_model
+from .kernels import PackedHead, check_kernels
+from .models import ModelInfo, TensorReader, meta_model
 from .sampling import SamplingParams
 
 MAX_STOP_STRINGS = 8
@@ -90,10 +90,7 @@ class CoordinatorModel:
         self.dtype = DTYPES[dtype]
         self.tokenizer = AutoTokenizer.from_pretrained(info.path)
         self._tokenizer_lock = threading.Lock()
-        if kernels not in KERNELS:
-            raise ValueError(f"kernels {kernels!r} is not one of {', '.join(KERNELS)}")
-        if kernels == "packed" and (why := packed_unsupported(self.device, self.dtype)):
-            raise ModelError(f"model.kernels is packed, but {why}; set model.kernels: exact")
+        check_kernels(kernels, self.device, self.dtype)
         self.kernels = kernels
         self.reader = TensorReader(info)
         if kernels == "packed":

@@ -22,6 +22,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .models import ModelError
+
 KERNELS = ("exact", "packed")
 # The batch size oneDNN picks the weight layout for; every batch size works with it,
 # and with this hint a row's result is the same for any batch (tested).
@@ -45,6 +47,14 @@ def packed_unsupported(device: torch.device | str, dtype: torch.dtype) -> str | 
     if not torch.backends.mkldnn.is_available():
         return "this torch build has no oneDNN (mkldnn)"
     return None
+
+
+def check_kernels(kernels: str, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse a kernels value this node cannot run, saying what to set instead."""
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels {kernels!r} is not one of {', '.join(KERNELS)}")
+    if kernels == "packed" and (why := packed_unsupported(device, dtype)):
+        raise ModelError(f"model.kernels is packed, but {why}; set model.kernels: exact")
 
 
 class PackedLinear(nn.Module):

@@ -208,6 +208,21 @@ def _safetensors_layout(path: Path) -> tuple[dict, int]:
         return json.loads(f.read(n)), 8 + n
 
 
+def _aligned(nbytes: int) -> int:
+    """Room a tensor takes in a shared read buffer: every view starts 64-byte aligned."""
+    return -(-nbytes // 64) * 64
+
+
+def _pread_full(fd: int, view: memoryview, offset: int, path: Path, what: str) -> None:
+    """Fill `view` from file offset `offset`; a file that ends first is a truncated model."""
+    got = 0
+    while got < len(view):
+        k = os.preadv(fd, [view[got:]], offset + got)
+        if not k:
+            raise ModelError(f"{path} is truncated ({what}); prepare the model again")
+        got += k
+
+
 def load_model_info(path: Path) -> ModelInfo:
     """Read config.json and the safetensors headers (no tensor data), without importing transformers."""
     try:
@@ -263,15 +278,14 @@ class TensorReader:
         """
         by_file: dict[str, list[str]] = {}
         for n in names:
-            if n not in self.info.tensor_files:
-                raise ModelError(f"tensor {n!r} is not in {self.info.path}; is this a Llama-family model?")
-            by_file.setdefault(self.info.tensor_files[n], []).append(n)
+            by_file.setdefault(self._file_of(n), []).append(n)
         out: dict[str, torch.Tensor] = {}
         used = 0
         for fname, group in by_file.items():
             path = self.info.path / fname
             header, data_start = _safetensors_layout(path)
-            with open(path, "rb", buffering=0) as f:
+            fd = os.open(path, os.O_RDONLY)
+            try:
                 for n in sorted(group, key=lambda n: header[n]["data_offsets"][0]):
                     meta = header[n]
                     stored = _SAFETENSORS_DTYPES.get(meta["dtype"])
@@ -281,43 +295,40 @@ class TensorReader:
                     if (buffer is not None and stored == dtype and device == "cpu"
                             and used + end - start <= buffer.numel()):
                         tensor = buffer[used:used + end - start].view(stored).view(meta["shape"])
-                        used += -(-(end - start) // 64) * 64            # keep every view aligned
+                        used += _aligned(end - start)
                     else:
                         tensor = torch.empty(meta["shape"], dtype=stored)
                     buf = tensor.view(-1).view(torch.uint8).numpy() if tensor.numel() else None
                     if buf is not None:
                         if buf.nbytes != end - start:
                             raise ModelError(f"tensor {n!r} in {path}: {end - start} bytes for shape {meta['shape']}")
-                        f.seek(data_start + start)
-                        view = memoryview(buf)
-                        got = 0
-                        while got < len(view):
-                            k = f.readinto(view[got:])
-                            if not k:
-                                raise ModelError(f"{path} is truncated (tensor {n!r}); prepare the model again")
-                            got += k
+                        _pread_full(fd, memoryview(buf), data_start + start, path, f"tensor {n!r}")
                     out[n] = tensor.to(device=device, dtype=dtype)
                     self.names_read.append(n)
+            finally:
+                os.close(fd)
         return out
 
+    def _file_of(self, name: str) -> str:
+        if name not in self.info.tensor_files:
+            raise ModelError(f"tensor {name!r} is not in {self.info.path}; is this a Llama-family model?")
+        return self.info.tensor_files[name]
 
     def stored_bytes(self, names: Iterable[str]) -> int:
         """Bytes the named tensors take in their files (with `read`'s alignment of views)."""
         headers: dict[str, dict] = {}
         total = 0
         for n in names:
-            fname = self.info.tensor_files[n]
+            fname = self._file_of(n)
             if fname not in headers:
                 headers[fname] = _safetensors_layout(self.info.path / fname)[0]
             start, end = headers[fname][n]["data_offsets"]
-            total += -(-(end - start) // 64) * 64
+            total += _aligned(end - start)
         return total
 
     def rows(self, name: str, dtype: torch.dtype) -> "TensorRows":
         """A 2-D tensor whose rows are read from its file when looked up, never held whole."""
-        if name not in self.info.tensor_files:
-            raise ModelError(f"tensor {name!r} is not in {self.info.path}; is this a Llama-family model?")
-        path = self.info.path / self.info.tensor_files[name]
+        path = self.info.path / self._file_of(name)
         header, data_start = _safetensors_layout(path)
         meta = header[name]
         stored = _SAFETENSORS_DTYPES.get(meta["dtype"])
@@ -356,10 +367,8 @@ class TensorRows:
         buf = bytearray(len(flat) * self.row_bytes)
         view = memoryview(buf)
         for k, i in enumerate(flat):
-            got = os.preadv(self.fd, [view[k * self.row_bytes:(k + 1) * self.row_bytes]],
-                            self.offset + i * self.row_bytes)
-            if got != self.row_bytes:
-                raise ModelError(f"{self.path} is truncated (row {i}); prepare the model again")
+            _pread_full(self.fd, view[k * self.row_bytes:(k + 1) * self.row_bytes], self.offset + i * self.row_bytes,
+                        self.path, f"row {i}")
         out = torch.frombuffer(buf, dtype=self.stored) if flat else torch.empty(0, dtype=self.stored)
         return out.view(*ids.shape, self.shape[1]).to(self.dtype)
 
@@ -373,13 +382,8 @@ class TensorRows:
         else:
             out = torch.empty((end - start, self.shape[1]), dtype=self.stored)
         if end > start:
-            view = memoryview(out.view(-1).view(torch.uint8).numpy())
-            got = 0
-            while got < len(view):
-                k = os.preadv(self.fd, [view[got:]], self.offset + start * self.row_bytes + got)
-                if not k:
-                    raise ModelError(f"{self.path} is truncated (rows {start}..{end}); prepare the model again")
-                got += k
+            _pread_full(self.fd, memoryview(out.view(-1).view(torch.uint8).numpy()),
+                        self.offset + start * self.row_bytes, self.path, f"rows {start}..{end}")
         return out.to(self.dtype)
 
     def __del__(self) -> None:
