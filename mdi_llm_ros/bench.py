@@ -24,6 +24,12 @@ import yaml
 
 PROMPTS = ["The history of robotics begins with", "A warehouse robot moves boxes by",
            "The main parts of a drone are", "To navigate a building, a mobile robot"]
+# The long-prompt scenario (chunked prefill): ~1500 tokens of a robot's log to summarize.
+LONG_PROMPT = ("Robot log. The mobile robot started its patrol at the loading dock, checked the doors of hall A, "
+               "B and C, measured the temperature in the server room and found it normal, then recharged. ") * 36 \
+    + "Summary of the patrol:"
+LONG_TOKENS = 8                     # new tokens of the long prompt (its greedy check)
+LONG_PIECES = (0, 256)              # coordinator.prefill_chunk_tokens compared: whole prompt, default pieces
 
 
 def _log(msg: str) -> None:
@@ -42,6 +48,8 @@ def baseline_main(argv: list[str]) -> int:
     torch.set_num_threads(threads)
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    if mode == "prefill":
+        return _baseline_prefill(model, tok, tokens)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
     texts, generated = [], 0
     with torch.inference_mode():
@@ -64,6 +72,26 @@ def baseline_main(argv: list[str]) -> int:
         wall = time.perf_counter() - t0
     print(json.dumps({"mode": mode, "n": n, "tokens": generated, "wall_s": wall,
                       "tokens_per_s": generated / wall, "texts": texts,
+                      "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+    return 0
+
+
+def _baseline_prefill(model, tok, tokens: int) -> int:
+    """The long prompt in one process: time to its first token (median of 3) and its greedy text."""
+    import resource
+
+    import torch
+    ids = tok(LONG_PROMPT, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        model.generate(ids[:, :64], max_new_tokens=1, do_sample=False)           # warm-up
+        ttfts = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            model.generate(ids, max_new_tokens=1, do_sample=False)
+            ttfts.append(time.perf_counter() - t0)
+        out = model.generate(ids, max_new_tokens=tokens, do_sample=False)[0, ids.shape[1]:]
+    print(json.dumps({"mode": "prefill", "n": 1, "prompt_tokens": ids.shape[1], "ttft_s": sorted(ttfts)[1],
+                      "text": tok.decode(out, skip_special_tokens=True),
                       "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
     return 0
 
@@ -96,6 +124,8 @@ def drive_main(argv: list[str]) -> int:
     from .soak import StatusWatch
 
     spec = json.loads(Path(argv[0]).read_text())
+    if spec.get("scenario") == "long":
+        return drive_long(spec)
     cfg = load_config(spec["config"])
     apply_discovery_env(cfg)
     n, tokens, references = spec["n"], spec["tokens"], spec["references"]
@@ -112,6 +142,8 @@ def drive_main(argv: list[str]) -> int:
             raise RuntimeError(f"the ring is not ready after 120 s: {ready.error_code}: {ready.error_message}")
         for c in clients:                   # every client's reply reader is matched before timing
             c.wait_for_service(30)
+        for c in clients:                   # and each client's discovery wait (SETTLE_S) is over:
+            c.settle()                      # inside the timed part it delayed all but one request
         before = watch.fresh(0.7, expect=len(cfg.chunks) + 1)
         _handshake("READY")                 # the parent reads the link counters, then says go
         results: list = [None] * n
@@ -152,6 +184,57 @@ def drive_main(argv: list[str]) -> int:
         "wire_bytes_per_token": nbytes / generated if generated else 0, "busy_share": busy,
         "greedy_identical": first_diff is None and ok, "first_diverging_char": first_diff,
         "diverged": diverged}))
+    return 0
+
+
+def drive_long(spec: dict) -> int:
+    """Child: the long prompt against a running ring. Its time to first token alone (median of
+    3), then once more while a short request streams: how long that request's tokens stall
+    while the long prompt is prefilled (its longest gap between two tokens). Prints one JSON line."""
+    import rclpy
+
+    from .client import BackgroundSpin, GenerateClient, StreamPiece
+    from .core.config import load_config
+
+    cfg = load_config(spec["config"])
+    rclpy.init()
+    node = rclpy.create_node(f"mdi_bench_long_{os.getpid()}")
+    spin = BackgroundSpin(node)
+    try:
+        client, streamer = GenerateClient(node, cfg.namespace), GenerateClient(node, cfg.namespace)
+        if not client.wait_for_service(120) or not client.wait_until_ready(120).success:
+            raise RuntimeError("the ring is not ready after 120 s")
+        client.generate(LONG_PROMPT, max_new_tokens=2, timeout_s=600)            # warm-up
+        ttfts, result = [], None
+        for _ in range(3):
+            result = client.generate(LONG_PROMPT, max_new_tokens=spec["tokens"], timeout_s=600)
+            if not result.success:
+                raise RuntimeError(f"long prompt failed: {result.error_code}: {result.error_message}")
+            ttfts.append(result.time_to_first_token)
+        arrivals: list[float] = []
+        started = threading.Event()
+
+        def stream() -> None:
+            for item in streamer.stream(PROMPTS[0], max_new_tokens=spec["short_tokens"], timeout_s=600):
+                if isinstance(item, StreamPiece):
+                    arrivals.append(time.monotonic())
+                    if len(arrivals) == 4:
+                        started.set()
+            started.set()
+
+        worker = threading.Thread(target=stream)
+        worker.start()
+        started.wait(120)
+        loaded = client.generate(LONG_PROMPT, max_new_tokens=spec["tokens"], timeout_s=600)
+        worker.join(600)
+        gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+    finally:
+        spin.close()
+        rclpy.try_shutdown()
+    print(json.dumps({"prompt_tokens": result.prompt_tokens, "ttft_s": sorted(ttfts)[1], "text": result.text,
+                      "ttft_loaded_s": loaded.time_to_first_token if loaded.success else None,
+                      "short_gap_max_ms": 1000 * max(gaps, default=0.0),
+                      "short_gap_median_ms": 1000 * _percentile(gaps, 0.5)}))
     return 0
 
 
@@ -316,6 +399,50 @@ def run_ring(model: str, k: int, ns: list[int], tokens: int, *, pin: bool, threa
             "peak_rss": peaks}
 
 
+def run_long_prompt(model: str, k: int, piece: int, *, workdir: Path, reference: str) -> dict:
+    """Start a ring of K chunk nodes (exact kernels) that prefills in pieces of `piece` tokens
+    (0: whole prompts) and drive the long-prompt scenario against it."""
+    from .launcher import Cluster, node_specs
+
+    name = f"long_k{k}_p{piece}"
+    cfg = ring_config(model, k, 4)
+    cfg["coordinator"]["prefill_chunk_tokens"] = piece
+    cfg_path = workdir / f"{name}.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    log = open(workdir / f"{name}.log", "w")
+    cluster = Cluster(node_specs(cfg_path), out=log)
+    cluster.start()
+    try:
+        s = _drive({"scenario": "long", "config": str(cfg_path), "tokens": LONG_TOKENS, "short_tokens": 64,
+                    "tag": name, "n": 1}, workdir)
+    finally:
+        cluster.stop()
+        log.close()
+    s.update(k=k, piece=piece, greedy_identical=s["text"] == reference)
+    _log(f"long prompt, ring K={k}, {'pieces of ' + str(piece) if piece else 'whole prefill'}: "
+         f"TTFT {s['ttft_s']:.2f} s, a decoding request's longest token gap {s['short_gap_max_ms']:.0f} ms, "
+         f"identical={s['greedy_identical']}")
+    return s
+
+
+def long_prompt_markdown(long: dict) -> list[str]:
+    base = long["baseline"]
+    whole = {s["k"]: s["ttft_s"] for s in long["rings"] if s["piece"] == 0}
+    lines = ["", f"Long prompt ({base['prompt_tokens']} tokens, {LONG_TOKENS} new; exact kernels): time to first "
+             "token, whole prefill (`prefill_chunk_tokens: 0`) against pieces, and how long a request that is "
+             "decoding meanwhile waits for a token:", "",
+             "| config | prefill | TTFT s | × transformers TTFT | × whole prefill | "
+             "decoding request's longest / median token gap (ms) | greedy = HF |", "|---|---|---|---|---|---|---|",
+             f"| transformers (one process) | whole | {base['ttft_s']:.2f} | 1.00 | | | yes |"]
+    for s in long["rings"]:
+        speedup = f"{whole[s['k']] / s['ttft_s']:.2f}" if s["k"] in whole else ""
+        lines.append(f"| ring K={s['k']} | {'pieces of ' + str(s['piece']) if s['piece'] else 'whole'} | "
+                     f"{s['ttft_s']:.2f} | {base['ttft_s'] / s['ttft_s']:.2f} | {speedup} | "
+                     f"{s['short_gap_max_ms']:.0f} / {s['short_gap_median_ms']:.0f} | "
+                     f"{'yes' if s['greedy_identical'] else 'NO'} |")
+    return lines
+
+
 # --- report ------------------------------------------------------------------------------
 
 def markdown(res: dict) -> str:
@@ -365,6 +492,8 @@ def markdown(res: dict) -> str:
                          f"{s['tokens_per_s'] / ref:.2f} | " if ref else "- | ")
             lines[-1] += (f"{s['wire_bytes_per_token']:.0f} | {s['link_bytes_per_token']:.0f} | "
                           f"{'yes' if s['greedy_identical'] else 'NO'} |")
+    if res.get("long_prompt"):
+        lines += long_prompt_markdown(res["long_prompt"])
     return "\n".join(lines)
 
 
@@ -422,7 +551,8 @@ def plot(res: dict, path: Path) -> None:
 
 def run_bench(*, quick: bool, pin: bool, threads: int | None, model: str, out_dir: Path,
               ks: list[int] | None = None, ns: list[int] | None = None, tokens: int | None = None,
-              netlab: bool = False, rate: str = "20mbit", kernels: list[str] | None = None) -> dict:
+              netlab: bool = False, rate: str = "20mbit", kernels: list[str] | None = None,
+              long_prompt: bool | None = None) -> dict:
     from .core.models import resolve_model_dir
     model_dir = str(resolve_model_dir(model))
     rates = None
@@ -462,6 +592,12 @@ def run_bench(*, quick: bool, pin: bool, threads: int | None, model: str, out_di
             _log(f"ring with K={k} chunk nodes, {kern} kernels, N in {ns} (node logs: {logs})")
             res["rings"].append(run_ring(model, k, ns, tokens, pin=pin, threads=threads, references=references,
                                          workdir=logs, rates=rates, kernels=kern))
+    if long_prompt if long_prompt is not None else not (quick or netlab):
+        _log("long prompt: transformers, then rings with whole and chunked prefill")
+        base = run_baseline("prefill", model_dir, 1, LONG_TOKENS, cores)
+        res["long_prompt"] = {"baseline": base, "rings": [
+            run_long_prompt(model, k, piece, workdir=logs, reference=base["text"])
+            for k in ([k for k in ks if k > 1] or [2]) for piece in LONG_PIECES]}
     _explain_divergences(res, model_dir)
     (out_dir / f"{stamp}.json").write_text(json.dumps(res, indent=1))
     table = markdown(res)

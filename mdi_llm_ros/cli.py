@@ -149,7 +149,7 @@ def cmd_bench(args) -> int:
     res = run_bench(quick=args.quick, pin=args.pin, threads=args.threads, model=args.model,
                     out_dir=Path(args.out), ks=ints(args.k), ns=ints(args.n), tokens=args.tokens,
                     netlab=args.netlab, rate=args.rate,
-                    kernels=args.kernels.split(",") if args.kernels else None)
+                    kernels=args.kernels.split(",") if args.kernels else None, long_prompt=args.long_prompt)
     ok = all(s["ok"] for ring in res["rings"] for s in ring["scenarios"])
     return 0 if ok else 1
 
@@ -215,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch threads per node (default: cores / nodes)")
     p.add_argument("--kernels", help="comma-separated model.kernels to run the rings with "
                                      "(default exact,packed; with --netlab exact)")
+    p.add_argument("--long-prompt", action=argparse.BooleanOptionalAction, default=None,
+                   help="time to first token of a ~1500-token prompt, whole prefill against pieces "
+                        "(default: on in the full run, off with --quick or --netlab)")
     p.add_argument("--out", default="bench/results", help="where results go (default bench/results)")
     p.add_argument("--netlab", action="store_true",
                    help="run the ring across emulated devices (network namespaces, needs root), "

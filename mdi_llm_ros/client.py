@@ -80,6 +80,7 @@ class GenerateClient:
         # endpoints, not 10.
         self._act: ActionClient | None = None
         self._settled_at: float | None = None
+        self._action_settled_at = 0.0
 
     def _action(self) -> ActionClient:
         if self._act is None:
@@ -87,16 +88,22 @@ class GenerateClient:
             self._act = ActionClient(self.node, GenerateAction, self.action, goal_service_qos_profile=q,
                                      result_service_qos_profile=q, cancel_service_qos_profile=q,
                                      feedback_sub_qos_profile=q)
+            self._action_settled_at = time.monotonic() + SETTLE_S   # its endpoints are new
         return self._act
 
-    def _settle(self) -> None:
-        """Before the first call: give the server time to discover this client's reply reader."""
+    def settle(self) -> None:
+        """Wait until the server has had SETTLE_S to discover this client's reply reader, counted
+        from when this client first saw the service; every call does this, so a caller that times
+        its calls (a benchmark) does it before starting the clock."""
         if self._settled_at is None:
             self._settled_at = time.monotonic() + SETTLE_S
         time.sleep(max(0.0, self._settled_at - time.monotonic()))
 
     def wait_for_service(self, timeout_s: float) -> bool:
-        return self._srv.wait_for_service(timeout_sec=timeout_s)
+        found = self._srv.wait_for_service(timeout_sec=timeout_s)
+        if found and self._settled_at is None:
+            self._settled_at = time.monotonic() + SETTLE_S
+        return found
 
     def wait_until_ready(self, timeout_s: float, probe_timeout_s: float = 10.0) -> GenerationResult:
         """Wait until the cluster serves requests (every node up): ask for one token until the
@@ -122,7 +129,7 @@ class GenerateClient:
         # (DDS delivers nothing to readers it has not discovered yet): wait for them first.
         if not self._srv.wait_for_service(timeout_sec=min(timeout_s, 30.0)):
             return GenerationResult.failure(ErrorCode.NOT_READY, f"no {self.service} on this ROS domain; is the cluster running?")
-        self._settle()
+        self.settle()
         future = self._srv.call_async(fill_request(Generate.Request(), params))
         if not _wait_future(future, timeout_s):
             self._srv.remove_pending_request(future)
@@ -149,7 +156,7 @@ class GenerateClient:
         if not self._action().wait_for_server(timeout_sec=min(timeout_s, 30.0)):
             yield GenerationResult.failure(ErrorCode.NOT_READY, f"no {self.action} on this ROS domain; is the cluster running?")
             return
-        self._settle()
+        time.sleep(max(0.0, self._action_settled_at - time.monotonic()))
         send = self._action().send_goal_async(goal, feedback_callback=on_feedback)
         if not _wait_future(send, timeout_s):
             yield GenerationResult.failure(ErrorCode.TIMEOUT, f"{self.action} did not answer the goal in {timeout_s:.0f} s")

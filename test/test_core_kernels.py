@@ -168,7 +168,7 @@ def test_batched_prefill_rejects_one_item_and_runs_the_rest(tiny_dir):
     out = ex.forward_prefill_batch([(1, 0, 0, torch.randn(1, 5, 64)), (2, 0, 3, torch.randn(1, 5, 64)),
                                     (3, 0, 0, torch.randn(1, 2, 64))])
     assert out[0].shape == (1, 5, 64) and out[2].shape == (1, 2, 64)
-    assert isinstance(out[1], ActivationRejected) and out[1].cause == "bad_position"
+    assert isinstance(out[1], ActivationRejected) and out[1].cause == "unknown_request"
     assert set(ex.caches) == {1, 3}
 
 

@@ -203,10 +203,10 @@ def streams_under_way(client, prompts, max_new_tokens, timeout_s, pieces=3):
     return threads, results
 
 
-def _kill_b_during_requests(ros_env, tmp_path, tiny_dir, ros_node, respawn: bool):
+def _kill_b_during_requests(ros_env, tmp_path, tiny_dir, ros_node, respawn: bool, timeout_s: float):
     from mdi_llm_ros.client import GenerateClient
     cfg = write_config(tmp_path / "c.yaml", tiny_dir, CHUNKS,
-                       coordinator={"request_timeout_s": 12, "heartbeat_timeout_s": 1.0})
+                       coordinator={"request_timeout_s": timeout_s, "heartbeat_timeout_s": 1.0})
     main = start(ros_env, tmp_path, cfg, "--host", "localhost", name="main", ready=False)
     robot_b = start(ros_env, tmp_path, cfg, "--host", "robot_b", *(["--respawn"] if respawn else []),
                     name="robot_b", ready=False)
@@ -228,7 +228,9 @@ def _kill_b_during_requests(ros_env, tmp_path, tiny_dir, ros_node, respawn: bool
 
 
 def test_killed_chunk_node_restarted_requests_continue(ros_env, tmp_path, tiny_dir, ros_node):
-    prompts, results, _, main, robot_b = _kill_b_during_requests(ros_env, tmp_path, tiny_dir, ros_node, True)
+    # 300 tokens each, and a node down for a few seconds: a generous request_timeout_s (on a loaded
+    # machine 12 s was once too short to finish)
+    prompts, results, _, main, robot_b = _kill_b_during_requests(ros_env, tmp_path, tiny_dir, ros_node, True, 40)
     assert "respawning" in robot_b.output()
     assert "replayed the history of" in main.output(), main.output()[-3000:]
     for p, r in zip(prompts, results):
@@ -237,7 +239,7 @@ def test_killed_chunk_node_restarted_requests_continue(ros_env, tmp_path, tiny_d
 
 
 def test_killed_chunk_node_not_restarted_requests_fail_node_lost(ros_env, tmp_path, tiny_dir, ros_node):
-    prompts, results, waited, main, robot_b = _kill_b_during_requests(ros_env, tmp_path, tiny_dir, ros_node, False)
+    prompts, results, waited, main, robot_b = _kill_b_during_requests(ros_env, tmp_path, tiny_dir, ros_node, False, 12)
     assert all(r is not None and r.error_code == "NODE_LOST" and "b" in r.error_message for r in results), results
     assert waited < 12 + 5                                          # within request_timeout_s (+ poll slack)
 

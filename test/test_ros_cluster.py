@@ -13,11 +13,15 @@ from conftest import Proc, hf_greedy_text, write_config
 pytestmark = [pytest.mark.slow, pytest.mark.ros]
 
 PROMPTS = [("The three laws of robotics are", False), ("What is a robot?", True)]
+# ~410 tokens: more than prefill_chunk_tokens (256), so it travels the ring in pieces
+LONG_PROMPT = ("Robot log. The mobile robot started its patrol at the loading dock, checked the doors of hall A, "
+               "B and C, measured the temperature in the server room and found it normal, then recharged. ") * 10 \
+    + "Summary of the patrol:"
 
 
 @pytest.fixture(scope="module")
 def references(smol_dir):
-    return {p: hf_greedy_text(smol_dir, p, chat, 24) for p, chat in PROMPTS}
+    return {p: hf_greedy_text(smol_dir, p, chat, 24) for p, chat in PROMPTS + [(LONG_PROMPT, False)]}
 
 
 @pytest.fixture
@@ -84,6 +88,18 @@ def test_ring_service_action_and_concurrency(cluster, ros_node, ros_env, referen
     assert set(status) == {"chunk_0", "chunk_1", "chunk_2"}
     assert all(s.requests_cached == 0 for s in status.values()), {k: s.requests_cached for k, s in status.items()}
     assert all(s.tokens_processed > 0 and s.resident_memory_bytes > 0 for s in status.values())
+
+    # 5. a long prompt travels in prefill pieces while a short request decodes: both equal transformers
+    import threading
+    results = {}
+    short = threading.Thread(target=lambda: results.__setitem__("short", GenerateClient(ros_node).generate(
+        PROMPTS[0][0], max_new_tokens=24, timeout_s=120)))
+    short.start()
+    long = client.generate(LONG_PROMPT, max_new_tokens=24, timeout_s=120)
+    short.join(130)
+    assert long.success and long.prompt_tokens > 256, long
+    assert (long.text, long.generated_tokens) == references[LONG_PROMPT]
+    assert results["short"].success and results["short"].text == references[PROMPTS[0][0]][0]
 
 
 def test_cluster_host_starts_only_its_nodes(ros_env, tmp_path, tiny_dir):

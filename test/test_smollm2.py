@@ -8,6 +8,7 @@ from mdi_llm_ros.core.engine import GenerateParams
 from mdi_llm_ros.core.local import LocalRing
 from mdi_llm_ros.core.models import MARKER, load_model_info, prepare_model
 from mdi_llm_ros.core.plan import make_plan
+from mdi_llm_ros.core.ring import KIND_PREFILL
 
 pytestmark = pytest.mark.slow
 
@@ -49,3 +50,24 @@ def test_three_chunk_ring_matches_transformers_greedy(smol_dir, hf_model, kernel
         ref = hf_model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0, len(ids):].tolist()
         assert result.token_ids == ref, (prompt, result.text)
         assert result.generated_tokens == len(ref) > 0
+
+
+def test_long_prompt_in_prefill_pieces_matches_transformers_greedy(smol_dir, hf_model):
+    """A prompt longer than prefill_chunk_tokens (default 256) travels in pieces; greedy tokens
+    still equal transformers' (the pieces differ from one whole prefill only in the last bits)."""
+    cfg = parse_config({"model": {"name": str(smol_dir)}, "chunks": [{"name": "a"}, {"name": "b"}]})
+    assert cfg.coordinator.prefill_chunk_tokens == 256
+    info = load_model_info(smol_dir)
+    ring = LocalRing(make_plan(cfg, info), info)
+    report = ("Robot log. The mobile robot started its patrol at the loading dock, checked the doors of "
+              "hall A, B and C, measured the temperature in the server room and found it normal, then "
+              "recharged for ten minutes. ")
+    prompt = report * 24 + "Summary of the patrol:"
+    ids = ring.model.encode_prompt(prompt, False)
+    assert 256 < len(ids) < 2048
+    sent = []
+    ring.scheduler._send = lambda msg, send=ring.scheduler._send: (sent.append(msg), send(msg))
+    result = ring.generate(GenerateParams(prompt, max_new_tokens=16))
+    ref = hf_model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)[0, len(ids):].tolist()
+    assert result.token_ids == ref, result.text
+    assert sum(m.kind == KIND_PREFILL for m in sent) == -(-len(ids) // 256)

@@ -118,10 +118,12 @@ class ChunkExecutor:
                 prefill: bool | None = None) -> torch.Tensor:
         """Run this chunk's layers on one request's hidden states.
 
-        hidden: (1, seq, hidden_size). A prefill (default: step 0) starts a
-        fresh cache at position 0, replacing any earlier one: that is also how a
+        hidden: (1, seq, hidden_size). A prefill (default: step 0) at position 0
+        starts a fresh cache, replacing any earlier one: that is also how a
         replayed history rebuilds a lost cache, at the step it replaces. A
-        decode step must follow the previous step at the cache's length.
+        prefill at a later position is the next piece of a chunked prefill: same
+        step, at the cache's length. A decode step must follow the previous step
+        at the cache's length.
         """
         prefill = step == 0 if prefill is None else prefill
         with self._lock:
@@ -152,8 +154,9 @@ class ChunkExecutor:
     def forward_prefill_batch(self, items: list[tuple[int, int, int, torch.Tensor]]) -> list[torch.Tensor | Exception]:
         """Several requests' prefills (prompts of any lengths) in one padded forward.
 
-        items: (request_id, step, position 0, hidden (1, seq_i, hidden_size)) of distinct
-        requests. Prompts that arrive together share one read of the weights instead of one
+        items: (request_id, step, position, hidden (1, seq_i, hidden_size)) of distinct
+        requests; position 0 starts a request's cache, a later one (a piece of a chunked
+        prefill) extends it. Prompts that arrive together share one read of the weights instead of one
         each. Returns each item's output (1, seq_i, hidden) or its ActivationRejected. Chunks
         on transformers' layers, and a single item, run the prefills one by one (a lone
         prefill stays on the exact single-request path).
@@ -174,7 +177,7 @@ class ChunkExecutor:
             x = items[good[0]][3].new_zeros((len(good), max(lengths), self.hidden_size))   # (batch, seq, hidden)
             for row, i in enumerate(good):
                 x[row, :lengths[row]] = items[i][3][0]
-            y = self._run(caches, [items[i][1] for i in good], [0] * len(good), x, valid=lengths)
+            y = self._run(caches, [items[i][1] for i in good], [items[i][2] for i in good], x, valid=lengths)
         for row, i in enumerate(good):
             out[i] = y[row:row + 1, :lengths[row]]
         return out
@@ -182,13 +185,16 @@ class ChunkExecutor:
     def _run(self, caches: list[RequestKVCache], steps: list[int], positions: list[int],
              hidden: torch.Tensor, valid: list[int] | None = None) -> torch.Tensor:
         """hidden: (batch, seq, hidden). batch > 1: single-token decode steps, or prefills
-        (positions 0) right-padded to one length, with `valid` giving each row's real length."""
+        right-padded to one length, with `valid` giving each row's real length."""
         x = hidden.to(device=self.device, dtype=self.dtype)
         batch, seq = x.shape[0], x.shape[1]
         kv = KVBatch(self.pool, caches, positions, seq, valid=valid)
         position_ids = (torch.tensor(positions, device=self.device)[:, None]
                         + torch.arange(seq, device=self.device)[None, :])                    # (batch, seq)
-        mask = kv.mask(seq) if batch > 1 else None                                           # (batch, 1, seq, L)
+        # A lone request from position 0 (or a lone decode step) sees every cached position up to
+        # its own: causal attention needs no mask (transformers' path). A batch, or a prefill
+        # piece that extends a cache, needs one.
+        mask = kv.mask(seq) if batch > 1 or (seq > 1 and positions[0] > 0) else None       # (batch, 1, seq, L)
         if self.native is not None:
             x = self.native(x, position_ids, kv, mask)
         else:
@@ -222,9 +228,7 @@ class ChunkExecutor:
         if hidden.shape[2] != self.hidden_size:
             raise ActivationRejected(
                 "bad_shape", f"hidden size {hidden.shape[2]} != model's {self.hidden_size}")
-        if prefill:
-            if position != 0:
-                raise ActivationRejected("bad_position", f"prefill must start at position 0, got {position}")
+        if prefill and position == 0:
             old = self.caches.pop(request_id, None)
             if old is not None:
                 self.pool.release(old)
@@ -236,17 +240,22 @@ class ChunkExecutor:
             cache.last_step = step - 1
             self.caches[request_id] = cache
             return cache
+        # extending a cache: a decode step follows the last step; a later piece of a chunked
+        # prefill belongs to the step its first piece started
+        what = "prefill piece" if prefill else "step"
         cache = self.caches.get(request_id)
         if cache is None:
-            raise ActivationRejected("unknown_request", f"request {request_id} has no cache on this chunk")
-        if step <= cache.last_step:
-            raise ActivationRejected("duplicate_step", f"request {request_id} step {step} already done")
-        if step != cache.last_step + 1:
+            raise ActivationRejected("unknown_request", f"request {request_id} has no cache on this chunk "
+                                     f"for its {what} at position {position}")
+        expected = cache.last_step if prefill else cache.last_step + 1
+        if step < expected:
+            raise ActivationRejected("duplicate_step", f"request {request_id} {what} {step} already done")
+        if step != expected:
             raise ActivationRejected(
-                "out_of_order", f"request {request_id} step {step} after step {cache.last_step}")
+                "out_of_order", f"request {request_id} {what} {step} after step {cache.last_step}")
         if position != cache.length:
             raise ActivationRejected(
-                "bad_position", f"request {request_id} position {position} != cache length {cache.length}")
+                "bad_position", f"request {request_id} {what} at position {position} != cache length {cache.length}")
         return cache
 
     def release(self, request_id: int) -> bool:

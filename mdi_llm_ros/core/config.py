@@ -56,6 +56,7 @@ class CoordinatorConfig:
     threads: int | None = None
     memory_mb: float | None = None         # declared memory budget for embedding + head (+ layers)
     waves: int | None = None               # None: auto (plan.default_waves); 0: off
+    prefill_chunk_tokens: int = 256        # longer prompts are prefilled in pieces of this many tokens; 0: whole
     defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
 
 
@@ -233,7 +234,8 @@ def parse_config(data: Any, source: str = "<dict>") -> ClusterConfig:
 
     c = _check_keys(top.get("coordinator", {}) or {}, "coordinator",
                     {"host", "device", "layers", "max_inflight", "queue_limit", "request_timeout_s",
-                     "heartbeat_timeout_s", "ready_timeout_s", "threads", "memory_mb", "waves", "defaults"})
+                     "heartbeat_timeout_s", "ready_timeout_s", "threads", "memory_mb", "waves", "prefill_chunk_tokens",
+                     "defaults"})
     coord_layers = _layers(c, "coordinator")
     if coord_layers is not None and coord_layers[0] != 0:
         raise ConfigError(
@@ -258,6 +260,7 @@ def parse_config(data: Any, source: str = "<dict>") -> ClusterConfig:
         threads=_int(c, "threads", "coordinator", None, minimum=1),
         memory_mb=_float(c, "memory_mb", "coordinator", None, positive=True),
         waves=_int(c, "waves", "coordinator", None, minimum=0),
+        prefill_chunk_tokens=_int(c, "prefill_chunk_tokens", "coordinator", 256, minimum=0),
         defaults=defaults)
 
     raw_chunks = top["chunks"]

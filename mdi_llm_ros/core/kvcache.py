@@ -117,6 +117,7 @@ class KVBatch:
                  for c, start in zip(caches, positions) for p in range(start, start + seq)]
         self.write_blocks = torch.tensor([b for b, _ in where], device=dev)    # (rows * seq,)
         self.write_offsets = torch.tensor([o for _, o in where], device=dev)   # (rows * seq,)
+        self.positions = list(positions)
         self.lengths = [p + n for p, n in zip(positions, valid or [seq] * len(positions))]
         self.length = max(p + seq for p in positions)
         width = -(-self.length // BLOCK_TOKENS)
@@ -124,17 +125,16 @@ class KVBatch:
                                   device=dev)                                  # (rows * blocks,) row-major
 
     def mask(self, seq: int = 1) -> torch.Tensor:
-        """(rows, 1, seq, length) bool: which positions each new token sees. Decode (seq 1):
-        the row's cached positions and its new one. Prefill (positions 0): causal, and only
-        within the row's real length."""
+        """(rows, 1, seq, length) bool: which positions each new token sees: its row's cached
+        positions before it and itself (causal), never a padded position past the row's real
+        length. Covers decode (seq 1), prefills from position 0 and prefill pieces that extend
+        a cache (rows starting at different positions)."""
         dev = self.pool.device
+        starts = torch.tensor(self.positions, device=dev)
         lengths = torch.tensor(self.lengths, device=dev)
-        keys = torch.arange(self.length, device=dev)
-        inside = (keys[None, :] < lengths[:, None])[:, None, None, :]                 # (rows, 1, 1, length)
-        if seq == 1:
-            return inside
-        causal = keys[None, :] <= (self.length - seq + torch.arange(seq, device=dev))[:, None]   # (seq, length)
-        return inside & causal[None, None]
+        keys = torch.arange(self.length, device=dev)[None, None, :]                 # (1, 1, length)
+        queries = (starts[:, None] + torch.arange(seq, device=dev)[None, :])[:, :, None]   # (rows, seq, 1)
+        return ((keys < lengths[:, None, None]) & (keys <= queries))[:, None]       # (rows, 1, seq, length)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Store new keys/values (rows, kv_heads, seq, head_dim); return all (rows, kv_heads, length, head_dim)."""

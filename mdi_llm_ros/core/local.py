@@ -31,7 +31,7 @@ class LocalRing:
                                        kernels=plan.kernels,
                                        max_cached_requests=cfg.chunks[n.hop].max_cached_requests,
                                        reader=TensorReader(info)),
-                         cluster=cfg.namespace, hop=n.hop)
+                         cluster=cfg.namespace, hop=n.hop, last=n is plan.chunks[-1])
             for n in plan.chunks]
         for handler in self.handlers:
             handler.adopt_epoch(epoch)
@@ -42,7 +42,8 @@ class LocalRing:
             self.model, lambda msg: self._queue.append([msg]), send_wave=self._queue.append, waves=waves,
             cluster=cfg.namespace, epoch=epoch,
             max_inflight=cfg.coordinator.max_inflight, queue_limit=cfg.coordinator.queue_limit,
-            max_context=plan.max_context, request_timeout_s=cfg.coordinator.request_timeout_s)
+            max_context=plan.max_context, request_timeout_s=cfg.coordinator.request_timeout_s,
+            prefill_chunk_tokens=cfg.coordinator.prefill_chunk_tokens, pieces_ahead=len(plan.chunks))
 
     def submit(self, params: GenerateParams,
                on_piece: Callable[[str, int, int], None] | None = None) -> RequestHandle:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable, TypeVar
 
 import torch
 
@@ -26,6 +27,45 @@ KIND_NAMES = {KIND_PREFILL: "prefill", KIND_DECODE: "decode", KIND_RELEASE: "rel
 # positions (rows x longest prompt); a longer one runs alone. Bounds the activations and
 # the attention mask a batched prefill holds.
 PREFILL_BATCH_TOKENS = 2048
+# A chunk node merges queued prompts into one forward until they hold this many tokens: from
+# about 64 rows on, a matrix multiply is compute-bound (merging more saves no weight reads),
+# and a smaller batch reaches the next node sooner.
+PREFILL_MERGE_TOKENS = 64
+
+
+Batch = TypeVar("Batch")   # a ring message: anything with .hops, each with .kind and .request_id
+
+
+def merge_prompt_burst(first: Batch, take: Callable[[], Batch | None], limit: int,
+                       max_tokens: int = PREFILL_MERGE_TOKENS) -> tuple[list[Batch], Batch | None]:
+    """The ring messages a chunk computes together: `first`, and if it holds prompts only, the
+    prompt-only messages queued right behind it (`take()` gives the next or None), at most
+    `limit` messages and until they hold `max_tokens` prompt tokens. A burst of new requests
+    is then prefilled in batches (one read of the weights each) that are just big enough for
+    the matrix multiplies to be compute-bound, so the next node starts on the first batch while
+    this one computes the second. Decode waves are never merged and keep their places. The
+    next piece of a prompt already taken is not merged either: the piece in hand leaves
+    first, so the next node computes it while this one computes the next piece (chunked
+    prefill). Returns (messages, the message taken but not merged, to go first next time)."""
+    def prompts_only(batch) -> bool:
+        return bool(batch.hops) and all(h.kind == KIND_PREFILL for h in batch.hops)
+
+    def tokens(batch) -> int:
+        return sum(h.shape[1] if len(h.shape) > 1 else 0 for h in batch.hops)
+
+    batches = [first]
+    taken = {h.request_id for h in first.hops}
+    merged = tokens(first)
+    while prompts_only(batches[-1]) and len(batches) < limit and merged < max_tokens:
+        nxt = take()
+        if nxt is None:
+            break
+        if not prompts_only(nxt) or any(h.request_id in taken for h in nxt.hops):
+            return batches, nxt
+        batches.append(nxt)
+        taken.update(h.request_id for h in nxt.hops)
+        merged += tokens(nxt)
+    return batches, None
 
 
 @dataclass
@@ -60,10 +100,13 @@ class ChunkHandler:
     """Applies one chunk's layers to ring messages; never raises on bad input."""
 
     def __init__(self, executor: ChunkExecutor, *, cluster: str, hop: int,
-                 max_payload_bytes: int = 256 * 1024 * 1024) -> None:
+                 max_payload_bytes: int = 256 * 1024 * 1024, last: bool = False) -> None:
         self.executor = executor
         self.cluster = cluster
         self.hop = hop
+        # The last chunk of the ring returns only a prefill's last position: the coordinator
+        # samples from it alone, and a long prompt's whole output would cross the wire for nothing.
+        self.last = last
         self.max_payload_bytes = max_payload_bytes
         self.epoch = 0                  # epoch of the coordinator we serve (0: none seen yet)
         self.released: set[int] = set()  # recently released ids: late messages for them are stale
@@ -108,6 +151,8 @@ class ChunkHandler:
                 if isinstance(r, ActivationRejected):
                     self._drop(r)
                 else:
+                    if self.last and m.kind == KIND_PREFILL:
+                        r = r[:, -1:]                                     # (1, 1, hidden)
                     out[i] = HopMessage.with_tensor(r, **self._next_fields(m))
             batch.clear()
 
@@ -128,7 +173,8 @@ class ChunkHandler:
                     self._remember_released(msg.request_id)
                     out[i] = HopMessage(**self._next_fields(msg))
                 else:
-                    self.released.discard(msg.request_id)
+                    if msg.first_position == 0:          # a new prompt (not a later piece of one)
+                        self.released.discard(msg.request_id)
                     longest = max([hidden.shape[1]] + [h.shape[1] for _, _, h in prefills])
                     if prefills and longest * (len(prefills) + 1) > PREFILL_BATCH_TOKENS:
                         run(prefills, self.executor.forward_prefill_batch)

@@ -94,6 +94,9 @@ class _Request:
     wave: int = 0                  # requests of one wave travel the ring as one micro-batch
     parked_token: int | None = None   # sampled, waiting for the rest of its wave
     parked_at: float = 0.0
+    # chunked prefill: pieces (position, token ids) not sent yet, and where the last piece starts
+    pieces: deque = field(default_factory=deque)
+    last_piece_at: int = 0
 
 
 class RingScheduler:
@@ -104,9 +107,15 @@ class RingScheduler:
                  queue_limit: int = 32, max_context: int = 2048,
                  request_timeout_s: float = 120.0, clock: Callable[[], float] = time.monotonic,
                  waves: int = 0, send_wave: Callable[[list[HopMessage]], None] | None = None,
-                 wave_hold_s: float = 0.25) -> None:
+                 wave_hold_s: float = 0.25, prefill_chunk_tokens: int = 0, pieces_ahead: int = 1) -> None:
         self.model = model
         self._send = send
+        # Chunked prefill (prefill_chunk_tokens > 0): a longer prompt travels the ring in pieces
+        # of at most that many tokens, `pieces_ahead` of them at a time (one per ring node), so
+        # the next node starts on the first piece while this one computes the second, and
+        # decode waves pass between pieces instead of waiting behind the whole prompt.
+        self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.pieces_ahead = max(1, pieces_ahead)
         # Waves (waves > 0): requests in flight are split into this many groups; a group's next
         # steps leave together (send_wave: one message) once all its members are back, so each
         # hop runs a whole wave as one micro-batch, and with one wave per ring node every node
@@ -189,8 +198,18 @@ class RingScheduler:
         self._send_prefill(req, req.prompt_ids)
 
     def _send_prefill(self, req: _Request, token_ids: list[int]) -> None:
-        hidden = self.model.embed_tokens(token_ids)                    # (1, seq, hidden)
-        self._send_hidden(req, KIND_PREFILL, len(req.tokens), 0, hidden)
+        """Send a prompt (or a replayed history) whole, or its first pieces (chunked prefill)."""
+        size = self.prefill_chunk_tokens or len(token_ids)
+        req.pieces = deque((start, token_ids[start:start + size]) for start in range(0, len(token_ids), size))
+        req.last_piece_at = req.pieces[-1][0]
+        for _ in range(self.pieces_ahead):
+            if req.pieces:
+                self._send_next_piece(req)
+
+    def _send_next_piece(self, req: _Request) -> None:
+        position, ids = req.pieces.popleft()
+        hidden = self.model.embed_tokens(ids)                          # (1, piece, hidden)
+        self._send_hidden(req, KIND_PREFILL, len(req.tokens), position, hidden)
 
     def _send_hidden(self, req: _Request, kind: int, step: int, position: int, hidden: torch.Tensor) -> None:
         self._send(self._hidden_message(req, kind, step, position, hidden))
@@ -225,6 +244,16 @@ class RingScheduler:
                 req = self._inflight.get(msg.request_id)
                 if req is None or not req.in_ring or msg.step != len(req.tokens):
                     self.stale_outputs += 1               # cancelled, finished, or a duplicate
+                    continue
+                if req.pieces or (msg.kind == KIND_PREFILL and msg.first_position != req.last_piece_at):
+                    # A prompt still going out in pieces: a piece is through, the next one goes.
+                    # Its last piece is not sent yet, so nothing else can be its answer: a
+                    # decode output computed before a replay is stale (its next step would
+                    # reach the chunks before the replay's last pieces and be dropped there).
+                    if msg.kind == KIND_PREFILL and req.pieces:
+                        self._send_next_piece(req)
+                    elif msg.kind != KIND_PREFILL:
+                        self.stale_outputs += 1
                     continue
                 req.in_ring = False
                 ready.append((req, msg))

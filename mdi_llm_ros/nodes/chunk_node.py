@@ -16,20 +16,16 @@ import time
 from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.node import Node
 
-from mdi_llm_ros.msg import Activation, ActivationBatch, NodeStatus
+from mdi_llm_ros.msg import ActivationBatch, NodeStatus
 
 from ..core.chunk import ChunkExecutor
 from ..core.plan import DTYPE_BYTES, status_topic
-from ..core.ring import ChunkHandler
+from ..core.ring import ChunkHandler, merge_prompt_burst
 from .common import (RING_QOS, STATUS_QOS, from_batch_msgs, load_plan, make_status, run_node, set_threads,
                      to_batch_msg)
 
 LINK_SETTLE_S = 0.3   # both sides of a new DDS match learn of it at about, not exactly, the same time
 MAX_MERGED_PREFILLS = 64   # ring messages of prompts taken together (handle_many bounds the positions)
-
-
-def prompts_only(batch: ActivationBatch) -> bool:
-    return bool(batch.hops) and all(h.kind == Activation.KIND_PREFILL for h in batch.hops)
 
 
 class ChunkNode(Node):
@@ -60,7 +56,8 @@ class ChunkNode(Node):
                                  cache_idle_timeout_s=chunk_cfg.cache_idle_timeout_s)
         # The largest legal activation: a prefill of the whole context.
         max_payload = plan.max_context * info.hidden_size * DTYPE_BYTES[plan.dtype]
-        self.handler = ChunkHandler(executor, cluster=self.cluster, hop=n.hop, max_payload_bytes=max_payload)
+        self.handler = ChunkHandler(executor, cluster=self.cluster, hop=n.hop, max_payload_bytes=max_payload,
+                                    last=n is plan.chunks[-1])
         layers = ("own decoder layers" if executor.native is not None
                   else f"transformers' decoder layers ({executor.fallback_reason})")
         layers += f", {plan.kernels} kernels"
@@ -108,22 +105,16 @@ class ChunkNode(Node):
                     self.get_logger().error(f"publish failed: {exc}")
 
     def next_batches(self) -> list[ActivationBatch]:
-        """The next ring message, and with a prompt-only one every prompt-only message queued
-        right behind it: a burst of new requests is prefilled as one batch (one read of the
-        weights), while decode waves are never merged and keep their places."""
+        """The next ring message, with the prompts queued right behind it (merge_prompt_burst)."""
         first = self._held if self._held is not None else self.inbox.get(timeout=0.2)
-        self._held = None
-        batches = [first]
-        while prompts_only(batches[-1]) and len(batches) < MAX_MERGED_PREFILLS:
-            try:
-                nxt = self.inbox.get_nowait()
-            except queue.Empty:
-                break
-            if not prompts_only(nxt):
-                self._held = nxt          # first in line next time
-                break
-            batches.append(nxt)
+        batches, self._held = merge_prompt_burst(first, self._take_nowait, MAX_MERGED_PREFILLS)
         return batches
+
+    def _take_nowait(self) -> ActivationBatch | None:
+        try:
+            return self.inbox.get_nowait()
+        except queue.Empty:
+            return None
 
     def log_drop(self) -> None:
         """Log each drop cause at most once per 5 s (a flood must not flood the log)."""

@@ -111,7 +111,8 @@ class CoordinatorNode(Node):
             self.model, self.send, send_wave=self.send_wave, waves=plan.waves(),
             cluster=cfg.namespace, max_inflight=cfg.coordinator.max_inflight,
             queue_limit=cfg.coordinator.queue_limit, max_context=plan.max_context,
-            request_timeout_s=cfg.coordinator.request_timeout_s)
+            request_timeout_s=cfg.coordinator.request_timeout_s,
+            prefill_chunk_tokens=cfg.coordinator.prefill_chunk_tokens, pieces_ahead=len(plan.chunks))
         self.liveness = ChunkLiveness([n.name for n in plan.chunks], cfg.coordinator.heartbeat_timeout_s,
                                       self.scheduler.epoch)
         self.ready = False
