@@ -153,32 +153,38 @@ def test_prefill_chunk_tokens_config():
         parse_config({**base, "coordinator": {"prefill_chunk_tokens": -1}})
 
 
-def test_chunk_merges_a_burst_of_prompts_but_not_pieces_of_one():
+def test_chunk_takes_decode_steps_first_and_merges_bursts_of_prompts():
+    from collections import deque
     from types import SimpleNamespace as NS
 
-    from mdi_llm_ros.core.ring import KIND_DECODE, merge_prompt_burst
+    from mdi_llm_ros.core.ring import KIND_DECODE, KIND_RELEASE, take_ring_work
 
     def msg(*hops, tokens=8):
         return NS(hops=[NS(request_id=r, kind=k, shape=[1, tokens if k == KIND_PREFILL else 1, 64])
                         for r, k in hops])
 
-    def run(first, queued, limit=64, max_tokens=64):
-        q = list(queued)
-        got, held = merge_prompt_burst(first, lambda: q.pop(0) if q else None, limit, max_tokens)
-        return [[h.request_id for h in m.hops] for m in got], held and [h.request_id for h in held.hops], len(q)
+    def run(queued, limit=64, max_tokens=64):
+        q = deque(queued)
+        got = take_ring_work(q, limit, max_tokens)
+        return [[h.request_id for h in m.hops] for m in got], [[h.request_id for h in m.hops] for m in q]
 
-    p = KIND_PREFILL
-    # new prompts queued together are merged, until a decode wave
-    assert run(msg((1, p)), [msg((2, p)), msg((3, p)), msg((4, KIND_DECODE)), msg((5, p))]) == ([[1], [2], [3]], [4], 1)
+    p, d = KIND_PREFILL, KIND_DECODE
+    # new prompts queued together are merged
+    assert run([msg((1, p)), msg((2, p)), msg((3, p))]) == ([[1], [2], [3]], [])
+    # a decode wave queued behind prompts goes first; the prompts follow
+    assert run([msg((1, p)), msg((2, p)), msg((4, d), (5, d)), msg((6, p))]) == ([[4, 5]], [[1], [2], [6]])
+    # ... but never before a prompt (or piece) of its own request, nor does a release
+    assert run([msg((1, p)), msg((4, d), (1, d))]) == ([[1]], [[4, 1]])
+    assert run([msg((1, p)), msg((1, KIND_RELEASE)), msg((4, d))]) == ([[1]], [[1], [4]])
     # the next piece of prompt 1 waits: piece 0 leaves for the next node first
-    assert run(msg((1, p)), [msg((2, p)), msg((1, p)), msg((3, p))]) == ([[1], [2]], [1], 1)
-    # a decode wave is never merged with anything
-    assert run(msg((4, KIND_DECODE), (5, KIND_DECODE)), [msg((6, p))]) == ([[4, 5]], None, 1)
-    assert run(msg((1, p)), [msg((2, p)), msg((3, p))], limit=2) == ([[1], [2]], None, 1)
+    assert run([msg((1, p)), msg((2, p)), msg((1, p)), msg((3, p))]) == ([[1], [2]], [[1], [3]])
+    # decode waves are never merged with anything
+    assert run([msg((4, d)), msg((5, d))]) == ([[4]], [[5]])
+    assert run([msg((1, p)), msg((2, p)), msg((3, p))], limit=2) == ([[1], [2]], [[3]])
     # a burst is cut into batches of about max_tokens prompt tokens: 8 prompts of 8 tokens
-    burst = [msg((i, p)) for i in range(2, 17)]
-    assert run(msg((1, p)), burst) == ([[i] for i in range(1, 9)], None, 8)
-    assert run(msg((1, p), tokens=300), burst)[0] == [[1]]       # a long prompt goes alone
+    assert run([msg((i, p)) for i in range(1, 17)])[0] == [[i] for i in range(1, 9)]
+    assert run([msg((1, p), tokens=300), msg((2, p))])[0] == [[1]]       # a long prompt goes alone
+    assert run([]) == ([], [])
 
 
 def test_replay_in_pieces_ignores_an_output_from_before_it(tiny_dir):

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, TypeVar
 
 import torch
 
@@ -33,39 +33,46 @@ PREFILL_BATCH_TOKENS = 2048
 PREFILL_MERGE_TOKENS = 64
 
 
-Batch = TypeVar("Batch")   # a ring message: anything with .hops, each with .kind and .request_id
+def take_ring_work(pending: deque, limit: int, max_tokens: int = PREFILL_MERGE_TOKENS) -> list:
+    """The ring messages a chunk computes next, taken from the front of `pending` (its queue).
 
-
-def merge_prompt_burst(first: Batch, take: Callable[[], Batch | None], limit: int,
-                       max_tokens: int = PREFILL_MERGE_TOKENS) -> tuple[list[Batch], Batch | None]:
-    """The ring messages a chunk computes together: `first`, and if it holds prompts only, the
-    prompt-only messages queued right behind it (`take()` gives the next or None), at most
-    `limit` messages and until they hold `max_tokens` prompt tokens. A burst of new requests
-    is then prefilled in batches (one read of the weights each) that are just big enough for
-    the matrix multiplies to be compute-bound, so the next node starts on the first batch while
-    this one computes the second. Decode waves are never merged and keep their places. The
-    next piece of a prompt already taken is not merged either: the piece in hand leaves
-    first, so the next node computes it while this one computes the next piece (chunked
-    prefill). Returns (messages, the message taken but not merged, to go first next time)."""
+    * Decode steps go first: the first message that carries decode steps (or releases) passes
+      the prompts queued before it, unless one of them belongs to the same request. Requests
+      that are generating keep their pace while long prompts are prefilled in pieces.
+    * Otherwise the prompts at the front are merged, at most `limit` messages and until they
+      hold `max_tokens` prompt tokens: a burst of new requests is prefilled in batches (one
+      read of the weights each) just big enough for the matrix multiplies to be
+      compute-bound, so the next node starts on the first batch while this one computes the
+      second. The next piece of a prompt already taken is not merged: the piece in hand
+      leaves first, so the next node computes it while this one computes the next piece.
+    * A decode wave is never merged with another message: each keeps its place in the pipeline.
+    """
     def prompts_only(batch) -> bool:
         return bool(batch.hops) and all(h.kind == KIND_PREFILL for h in batch.hops)
 
     def tokens(batch) -> int:
         return sum(h.shape[1] if len(h.shape) > 1 else 0 for h in batch.hops)
 
-    batches = [first]
-    taken = {h.request_id for h in first.hops}
-    merged = tokens(first)
-    while prompts_only(batches[-1]) and len(batches) < limit and merged < max_tokens:
-        nxt = take()
-        if nxt is None:
-            break
-        if not prompts_only(nxt) or any(h.request_id in taken for h in nxt.hops):
-            return batches, nxt
-        batches.append(nxt)
-        taken.update(h.request_id for h in nxt.hops)
-        merged += tokens(nxt)
-    return batches, None
+    if not pending:
+        return []
+    ahead: set[int] = set()           # requests of the prompts queued before
+    for i, batch in enumerate(pending):
+        ids = {h.request_id for h in batch.hops}
+        if not prompts_only(batch):
+            if ids & ahead:
+                break                  # it must not pass its own request's prompt
+            del pending[i]
+            return [batch]
+        ahead |= ids
+    batches = [pending.popleft()]
+    taken = {h.request_id for h in batches[0].hops}
+    merged = tokens(batches[0])
+    while (pending and prompts_only(batches[0]) and prompts_only(pending[0]) and len(batches) < limit
+           and merged < max_tokens and not taken & {h.request_id for h in pending[0].hops}):
+        batches.append(pending.popleft())
+        taken |= {h.request_id for h in batches[-1].hops}
+        merged += tokens(batches[-1])
+    return batches
 
 
 @dataclass

@@ -12,6 +12,7 @@ import queue
 import sys
 import threading
 import time
+from collections import deque
 
 from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.node import Node
@@ -20,7 +21,7 @@ from mdi_llm_ros.msg import ActivationBatch, NodeStatus
 
 from ..core.chunk import ChunkExecutor
 from ..core.plan import DTYPE_BYTES, status_topic
-from ..core.ring import ChunkHandler, merge_prompt_burst
+from ..core.ring import ChunkHandler, take_ring_work
 from .common import (RING_QOS, STATUS_QOS, from_batch_msgs, load_plan, make_status, run_node, set_threads,
                      to_batch_msg)
 
@@ -73,7 +74,7 @@ class ChunkNode(Node):
         self.create_subscription(NodeStatus, status_topic(self.cluster), self.on_status, STATUS_QOS)
         self.create_timer(cfg.heartbeat_period_s, self.publish_status)
         self._stop = threading.Event()
-        self._held: ActivationBatch | None = None   # taken from the inbox, not yet processed
+        self.pending: deque[ActivationBatch] = deque()   # taken from the inbox, not yet processed
         self._last_drop_log: dict[str, float] = {}
         self.worker = threading.Thread(target=self.work, name="chunk-compute", daemon=True)
         self.worker.start()
@@ -105,16 +106,15 @@ class ChunkNode(Node):
                     self.get_logger().error(f"publish failed: {exc}")
 
     def next_batches(self) -> list[ActivationBatch]:
-        """The next ring message, with the prompts queued right behind it (merge_prompt_burst)."""
-        first = self._held if self._held is not None else self.inbox.get(timeout=0.2)
-        batches, self._held = merge_prompt_burst(first, self._take_nowait, MAX_MERGED_PREFILLS)
-        return batches
-
-    def _take_nowait(self) -> ActivationBatch | None:
-        try:
-            return self.inbox.get_nowait()
-        except queue.Empty:
-            return None
+        """The next ring messages to compute (take_ring_work picks them from all that wait)."""
+        if not self.pending:
+            self.pending.append(self.inbox.get(timeout=0.2))
+        while True:
+            try:
+                self.pending.append(self.inbox.get_nowait())
+            except queue.Empty:
+                break
+        return take_ring_work(self.pending, MAX_MERGED_PREFILLS)
 
     def log_drop(self) -> None:
         """Log each drop cause at most once per 5 s (a flood must not flood the log)."""
@@ -158,7 +158,7 @@ class ChunkNode(Node):
         self.status_pub.publish(make_status(
             self, name=n.name, cluster=self.cluster, role="chunk", host=n.host, device=n.device,
             layers=(n.layer_start, n.layer_end), epoch=self.handler.epoch, ready=self.ring_links_up(),
-            cached=ex.num_cached, queue=self.inbox.qsize(), tokens=ex.stats.tokens_processed,
+            cached=ex.num_cached, queue=self.inbox.qsize() + len(self.pending), tokens=ex.stats.tokens_processed,
             drops=dict(ex.stats.drops), bytes_received=ex.stats.bytes_received,
             busy_seconds=ex.stats.busy_seconds))
 
