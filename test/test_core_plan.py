@@ -46,6 +46,7 @@ def test_plan_ring_topology(smol_dir):
     with pytest.raises(ConfigError, match="host 'r9'"):
         plan.nodes_on_host("r9")
     assert "hop_0" in format_plan(plan)
+    assert "prompts over 256 tokens prefilled in pieces of 256" in format_plan(plan)
 
 
 def test_plan_rejects_bad_explicit_end_and_memory(smol_dir):

@@ -252,6 +252,12 @@ def format_plan(plan: ClusterPlan) -> str:
             f"context {plan.max_context}); "
             f"ring of {len(plan.chunks)} chunk nodes; namespace {plan.config.namespace or '(none)'}; "
             f"placement {plan.config.placement}")
+    c = plan.config.coordinator
+    waves = plan.waves()
+    pieces = (f"prompts over {c.prefill_chunk_tokens} tokens prefilled in pieces of {c.prefill_chunk_tokens}"
+              if c.prefill_chunk_tokens else "prompts prefilled whole")
+    head += (f"\nschedule: up to {c.max_inflight} requests in flight"
+             + (f" in {waves} wave{'s' if waves != 1 else ''}" if waves else ", each on its own") + f"; {pieces}")
     devices = [("device (host)", "nodes", "weights MB", "declared MB", "headroom MB")]
     for host in plan.hosts:
         on = [n for n in plan.nodes if n.host == host]
