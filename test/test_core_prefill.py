@@ -211,3 +211,28 @@ def test_replay_in_pieces_ignores_an_output_from_before_it(tiny_dir):
     assert sched.stale_outputs == stale + 1 and len(ring._queue) == 2
     result = ring.run([handle])[0]
     assert result.success and result.token_ids == ring_for(tiny_dir, chunks).generate(params).token_ids
+
+
+def test_a_prompt_in_pieces_does_not_hold_its_wave(tiny_dir):
+    """A request decoding in the same wave as a long prompt being prefilled in pieces goes on at
+    once after each step (it does not wait wave_hold_s for the prompt); a short prompt's prefill
+    still holds its wave (so a burst of new requests forms full waves)."""
+    chunks = [{"name": "a", "layers": [0, 3]}, {"name": "b", "layers": [3, 6]}]
+    cfg = parse_config({"model": {"name": str(tiny_dir), "max_context": 256},
+                        "coordinator": {"prefill_chunk_tokens": 4, "max_inflight": 2}, "chunks": chunks})
+    info = load_model_info(tiny_dir)
+    ring = LocalRing(make_plan(cfg, info), info, waves=1)
+    now = [100.0]
+    ring.scheduler.clock = lambda: now[0]         # frozen: poll() never forces a wave out
+    short = GenerateParams("Hello robot", max_new_tokens=6)
+    handles = [ring.submit(short)]
+    ring.pump(max_messages=1)                     # the short request's prompt is through: it decodes
+    handles.append(ring.submit(GenerateParams(LONG_PROMPT, max_new_tokens=3)))   # same wave, 15 pieces
+    while not handles[0].done:
+        ring.pump(max_messages=1)
+    # the short request finished while the long prompt was still going out in pieces
+    assert ring.scheduler._inflight[handles[1].request_id].in_pieces
+    results = ring.run(handles)
+    solo = ring_for(tiny_dir, chunks, prefill_chunk_tokens=0)
+    assert [r.token_ids for r in results] == [solo.generate(p).token_ids
+                                              for p in (short, GenerateParams(LONG_PROMPT, max_new_tokens=3))]

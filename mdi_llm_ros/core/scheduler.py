@@ -97,6 +97,7 @@ class _Request:
     # chunked prefill: pieces (position, token ids) not sent yet, and where the last piece starts
     pieces: deque = field(default_factory=deque)
     last_piece_at: int = 0
+    in_pieces: bool = False        # its prefill is in pieces and not through: it does not hold its wave
 
 
 class RingScheduler:
@@ -202,6 +203,7 @@ class RingScheduler:
         size = self.prefill_chunk_tokens or len(token_ids)
         req.pieces = deque((start, token_ids[start:start + size]) for start in range(0, len(token_ids), size))
         req.last_piece_at = req.pieces[-1][0]
+        req.in_pieces = len(req.pieces) > 1
         for _ in range(self.pieces_ahead):
             if req.pieces:
                 self._send_next_piece(req)
@@ -255,7 +257,7 @@ class RingScheduler:
                     elif msg.kind != KIND_PREFILL:
                         self.stale_outputs += 1
                     continue
-                req.in_ring = False
+                req.in_ring = req.in_pieces = False
                 ready.append((req, msg))
         if not ready:
             return
@@ -298,7 +300,10 @@ class RingScheduler:
             parked = [r for r in members if r.parked_token is not None]
             if not parked:
                 continue
-            complete = all(r.parked_token is not None or not r.in_ring for r in members)
+            # A member still in its prefill holds the wave (a burst of new prompts comes back
+            # together and forms full waves), unless its prompt goes in pieces: that takes
+            # seconds, and its wave's other members keep decoding meanwhile.
+            complete = all(r.parked_token is not None or not r.in_ring or r.in_pieces for r in members)
             if not complete and not (force and now - min(r.parked_at for r in parked) > self.wave_hold_s):
                 continue
             msgs = self._decode_messages([(r, r.parked_token) for r in parked])
