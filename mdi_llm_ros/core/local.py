@@ -38,12 +38,8 @@ class LocalRing:
         self._queue: deque[list[HopMessage]] = deque()     # ring messages: batches of hops
         self.messages = 0
         self.wire_bytes = 0
-        self.scheduler = RingScheduler(
-            self.model, lambda msg: self._queue.append([msg]), send_wave=self._queue.append, waves=waves,
-            cluster=cfg.namespace, epoch=epoch,
-            max_inflight=cfg.coordinator.max_inflight, queue_limit=cfg.coordinator.queue_limit,
-            max_context=plan.max_context, request_timeout_s=cfg.coordinator.request_timeout_s,
-            prefill_chunk_tokens=cfg.coordinator.prefill_chunk_tokens, pieces_ahead=len(plan.chunks))
+        self.scheduler = RingScheduler.for_plan(self.model, plan, lambda msg: self._queue.append([msg]),
+                                                send_wave=self._queue.append, waves=waves, epoch=epoch)
 
     def submit(self, params: GenerateParams,
                on_piece: Callable[[str, int, int], None] | None = None) -> RequestHandle:

@@ -67,7 +67,8 @@ def take_ring_work(pending: deque, limit: int, max_tokens: int = PREFILL_MERGE_T
     batches = [pending.popleft()]
     taken = {h.request_id for h in batches[0].hops}
     merged = tokens(batches[0])
-    while (pending and prompts_only(batches[0]) and prompts_only(pending[0]) and len(batches) < limit
+    # here the front message holds prompts only (a message with decode steps would have gone above)
+    while (pending and prompts_only(pending[0]) and len(batches) < limit
            and merged < max_tokens and not taken & {h.request_id for h in pending[0].hops}):
         batches.append(pending.popleft())
         taken |= {h.request_id for h in batches[-1].hops}

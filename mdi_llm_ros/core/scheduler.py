@@ -17,7 +17,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -25,6 +25,9 @@ from .engine import CoordinatorModel, GenerateParams, IncrementalDetokenizer, va
 from .errors import ErrorCode, RequestError
 from .ring import KIND_DECODE, KIND_PREFILL, KIND_RELEASE, HopMessage
 from .sampling import Sampler
+
+if TYPE_CHECKING:
+    from .plan import ClusterPlan
 
 log = logging.getLogger("mdi_llm_ros.scheduler")
 
@@ -141,6 +144,18 @@ class RingScheduler:
         self.stale_outputs = 0
         self.not_ready_reason: str | None = None   # set while the ring is incomplete
         self.lost_nodes: list[str] = []
+
+    @classmethod
+    def for_plan(cls, model: CoordinatorModel, plan: "ClusterPlan", send: Callable[[HopMessage], None], *,
+                 waves: int, send_wave: Callable[[list[HopMessage]], None] | None = None,
+                 epoch: int | None = None) -> "RingScheduler":
+        """A scheduler with a cluster plan's coordinator settings: the one place that turns
+        the config's keys into scheduler options, for the ROS coordinator and LocalRing alike."""
+        c = plan.config.coordinator
+        return cls(model, send, send_wave=send_wave, waves=waves, cluster=plan.config.namespace, epoch=epoch,
+                   max_inflight=c.max_inflight, queue_limit=c.queue_limit, max_context=plan.max_context,
+                   request_timeout_s=c.request_timeout_s, prefill_chunk_tokens=c.prefill_chunk_tokens,
+                   pieces_ahead=len(plan.chunks))
 
     # --- submission ----------------------------------------------------------------
     def submit(self, params: GenerateParams, on_piece: PieceCallback | None = None) -> RequestHandle:

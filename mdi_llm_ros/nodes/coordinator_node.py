@@ -107,12 +107,8 @@ class CoordinatorNode(Node):
         self.bytes_received = 0
         self.busy_seconds = 0.0
         self._send_lock = threading.Lock()
-        self.scheduler = RingScheduler(
-            self.model, self.send, send_wave=self.send_wave, waves=plan.waves(),
-            cluster=cfg.namespace, max_inflight=cfg.coordinator.max_inflight,
-            queue_limit=cfg.coordinator.queue_limit, max_context=plan.max_context,
-            request_timeout_s=cfg.coordinator.request_timeout_s,
-            prefill_chunk_tokens=cfg.coordinator.prefill_chunk_tokens, pieces_ahead=len(plan.chunks))
+        self.scheduler = RingScheduler.for_plan(self.model, plan, self.send, send_wave=self.send_wave,
+                                                waves=plan.waves())
         self.liveness = ChunkLiveness([n.name for n in plan.chunks], cfg.coordinator.heartbeat_timeout_s,
                                       self.scheduler.epoch)
         self.ready = False
