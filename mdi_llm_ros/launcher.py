@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .core.config import ClusterConfig, load_config
 from .core.models import load_model_info, resolve_model_dir
-from .core.plan import make_plan
+from .core.plan import COORDINATOR_SILENT, make_plan
 
 EXECUTABLES = {"coordinator": "coordinator_node", "chunk": "chunk_node"}
 
@@ -142,6 +142,38 @@ class Cluster:
     def _pump(self, name: str, proc: subprocess.Popen) -> None:
         for line in proc.stdout:                       # type: ignore[union-attr]
             self._log(name, line)
+            if COORDINATOR_SILENT in line and self._coordinator_runs_here(name):
+                self._restart_deaf(name, proc)
+
+    def _coordinator_runs_here(self, name: str) -> bool:
+        """True when `name` is a respawned chunk node and this launcher's coordinator runs: then a
+        chunk node that hears no coordinator has a broken DDS participant, not a missing peer."""
+        coordinator = next((n for n, s in self.specs.items() if s.role == "coordinator"), None)
+        return (self.respawn and self.specs[name].role == "chunk" and self.restarts.get(name, 0) > 0
+                and coordinator in self.procs and self.procs[coordinator].poll() is None)
+
+    def _restart_deaf(self, name: str, proc: subprocess.Popen) -> None:
+        """Stop a chunk node that cannot hear the running coordinator; supervise_once respawns it.
+
+        Seen once in CI: a chunk node respawned right after a SIGKILL never heard the coordinator,
+        and nothing changed in 60 s, while a fresh process joins in a few seconds."""
+        if self._stopping or proc.poll() is not None:
+            return
+        self._log("launcher", f"{name} hears no coordinator although the coordinator runs; restarting it")
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+
+        def kill_if_stuck() -> None:
+            try:
+                proc.wait(10.0)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        threading.Thread(target=kill_if_stuck, daemon=True).start()
 
     def start_node(self, name: str) -> subprocess.Popen:
         spec = self.specs[name]

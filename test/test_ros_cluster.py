@@ -112,7 +112,22 @@ def test_cluster_host_starts_only_its_nodes(ros_env, tmp_path, tiny_dir):
     started = [line for line in proc.output().splitlines() if "[launcher] started" in line][0]
     assert "arm (pid" in started and "head (pid" in started
     assert "base" not in started and "coordinator" not in started
+    # Alone, the chunk nodes say that they hear no coordinator, and what to check.
+    assert proc.wait_for("no status from the coordinator on /mdi/status", 30), proc.output()
+    assert f"ROS_DOMAIN_ID={ros_env['ROS_DOMAIN_ID']}" in proc.output()
     assert proc.stop() == 0
+    # The other host alone: its coordinator says why each chunk node is missing.
+    cfg_b = write_config(tmp_path / "hosts_b.yaml", tiny_dir,
+                         [{"name": "arm", "host": "robot_a"}, {"name": "base", "host": "robot_b"},
+                          {"name": "head", "host": "robot_a"}],
+                         coordinator={"host": "robot_b", "heartbeat_timeout_s": 0.5})
+    proc_b = Proc([sys.executable, "-m", "mdi_llm_ros.cli", "cluster", "--config", str(cfg_b), "--host", "robot_b"],
+                  ros_env, tmp_path / "b.log")
+    assert proc_b.wait_for("chunk nodes still missing", 60), proc_b.output()
+    report = proc_b.output().split("chunk nodes still missing: ", 1)[1].splitlines()[0]
+    assert "arm (no heartbeat arrives from it)" in report and "head (no heartbeat arrives from it)" in report
+    assert "base (its heartbeats arrive, but its ring topics have not matched both neighbours yet)" in report
+    assert proc_b.stop() == 0
     bad = subprocess.run([sys.executable, "-m", "mdi_llm_ros.cli", "cluster", "--config", str(cfg),
                           "--host", "robot_z"], env=ros_env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "host 'robot_z' runs no node" in bad.stderr
@@ -140,7 +155,9 @@ def test_launcher_handles_a_dead_chunk_node(ros_env, tmp_path, tiny_dir, respawn
         while not ("chunk nodes missing: b" in after() and "ring complete" in after().split(
                 "chunk nodes missing: b", 1)[1]) and time.monotonic() < end:
             time.sleep(0.3)
-        assert "ring complete" in after().split("chunk nodes missing: b", 1)[-1], proc.output()
+        if "ring complete" not in after().split("chunk nodes missing: b", 1)[-1]:
+            proc.stop()     # first, so the log also holds what the nodes say on the way out
+            pytest.fail("the respawned b did not rejoin the ring in 60 s:\n" + proc.output())
         assert proc.stop() == 0, proc.output()[-2000:]
     else:
         proc.p.wait(30)

@@ -105,6 +105,11 @@ def hop_topic(namespace: str, hop: int) -> str:
     return f"{ring_prefix(namespace)}/hop_{hop}"
 
 
+# What a chunk node logs when its coordinator has been silent for a while; the pip launcher
+# restarts a respawned chunk node that logs it while the launcher's own coordinator runs.
+COORDINATOR_SILENT = "no status from the coordinator"
+
+
 def status_topic(namespace: str) -> str:
     return f"/{namespace}/mdi/status" if namespace else "/mdi/status"
 

@@ -8,6 +8,7 @@ result on its outbound hop topic, and sends NodeStatus heartbeats.
 """
 from __future__ import annotations
 
+import os
 import queue
 import sys
 import threading
@@ -20,12 +21,13 @@ from rclpy.node import Node
 from mdi_llm_ros.msg import ActivationBatch, NodeStatus
 
 from ..core.chunk import ChunkExecutor
-from ..core.plan import DTYPE_BYTES, status_topic
+from ..core.plan import COORDINATOR_SILENT, DTYPE_BYTES, status_topic
 from ..core.ring import ChunkHandler, take_ring_work
 from .common import (RING_QOS, STATUS_QOS, from_batch_msgs, load_plan, make_status, run_node, set_threads,
                      to_batch_msg)
 
 LINK_SETTLE_S = 0.3   # both sides of a new DDS match learn of it at about, not exactly, the same time
+COORDINATOR_SILENCE_WARN_S = 10.0   # say so when the coordinator has not been heard for this long
 MAX_MERGED_PREFILLS = 64   # ring messages of prompts taken together (handle_many bounds the positions)
 
 
@@ -71,6 +73,8 @@ class ChunkNode(Node):
         self.ring_sub = self.create_subscription(ActivationBatch, n.inbound_topic, self.inbox.put, RING_QOS)
         self._links_up_since: float | None = None
         self._ready = False
+        self._coordinator_heard_at = time.monotonic()   # counts from start: silence since then is news
+        self._silence_warned_at = -1e9
         self.create_subscription(NodeStatus, status_topic(self.cluster), self.on_status, STATUS_QOS)
         self.create_timer(cfg.heartbeat_period_s, self.publish_status)
         self._stop = threading.Event()
@@ -129,7 +133,10 @@ class ChunkNode(Node):
 
     def on_status(self, s: NodeStatus) -> None:
         """Follow the coordinator's epoch; a new one means it restarted and old caches are void."""
-        if s.role != "coordinator" or s.cluster != self.cluster or s.epoch == self.handler.epoch:
+        if s.role != "coordinator" or s.cluster != self.cluster:
+            return
+        self._coordinator_heard_at = time.monotonic()
+        if s.epoch == self.handler.epoch:
             return
         dropped = self.handler.adopt_epoch(s.epoch)
         self.get_logger().info(f"joined coordinator epoch {s.epoch}"
@@ -153,7 +160,21 @@ class ChunkNode(Node):
         self._ready = now - self._links_up_since >= LINK_SETTLE_S
         return self._ready
 
+    def warn_if_coordinator_silent(self) -> None:
+        """A chunk node that never hears its coordinator serves nobody: say so, and what to check
+        (every 30 s while it lasts), instead of waiting in silence."""
+        now = time.monotonic()
+        silent = now - self._coordinator_heard_at
+        if silent < COORDINATOR_SILENCE_WARN_S or now - self._silence_warned_at < 30.0:
+            return
+        self._silence_warned_at = now
+        self.get_logger().warning(
+            f"{COORDINATOR_SILENT} on {status_topic(self.cluster)} "
+            f"for {silent:.0f} s (ROS_DOMAIN_ID={os.environ.get('ROS_DOMAIN_ID', '0')}): start it, or check "
+            "that both use the same config, domain id and discovery range")
+
     def publish_status(self) -> None:
+        self.warn_if_coordinator_silent()
         n, ex = self.plan_node, self.handler.executor
         self.status_pub.publish(make_status(
             self, name=n.name, cluster=self.cluster, role="chunk", host=n.host, device=n.device,

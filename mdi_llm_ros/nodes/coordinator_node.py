@@ -34,6 +34,8 @@ from ..core.scheduler import GenerationResult, RingScheduler
 from .common import (RING_QOS, STATUS_QOS, from_batch_msgs, load_plan, make_status, run_node, set_threads,
                      spin_quietly, to_batch_msg)
 
+MISSING_REPORT_HEARTBEATS = 10   # while chunk nodes stay missing, say why every 10 heartbeat timeouts
+
 
 def params_from(req) -> GenerateParams:
     return GenerateParams(prompt=req.prompt, use_chat_template=req.use_chat_template,
@@ -63,12 +65,21 @@ class ChunkLiveness:
         self.timeout_s = timeout_s
         self.last_seen: dict[str, float] = {}
         self.started_at: dict[str, int] = {}
+        self.unready: dict[str, tuple[float, str]] = {}   # name -> (when, why) of a heartbeat that did not count
 
     def heard(self, s: NodeStatus) -> bool:
         """Record a heartbeat; True when this node restarted since we last heard it.
 
         Only a node that has joined our epoch counts: until then it would drop our activations."""
-        if s.name not in self.names or not s.ready or s.epoch != self.epoch:
+        if s.name not in self.names:
+            return False
+        if s.epoch != self.epoch:
+            self.unready[s.name] = (time.monotonic(), "its heartbeats arrive, but it has not joined this "
+                                    "coordinator's epoch: it does not hear the coordinator")
+            return False
+        if not s.ready:
+            self.unready[s.name] = (time.monotonic(), "its heartbeats arrive, but its ring topics have not "
+                                    "matched both neighbours yet")
             return False
         restarted = s.name in self.started_at and self.started_at[s.name] != s.started_at_ns
         self.started_at[s.name] = s.started_at_ns
@@ -78,6 +89,13 @@ class ChunkLiveness:
     def missing(self) -> list[str]:
         now = time.monotonic()
         return [n for n in self.names if now - self.last_seen.get(n, -1e9) > self.timeout_s]
+
+    def why_missing(self, name: str) -> str:
+        """What the coordinator last knew of a missing node, for the log."""
+        when, why = self.unready.get(name, (-1e9, ""))
+        if time.monotonic() - when <= self.timeout_s:
+            return why
+        return "no heartbeat arrives from it"
 
 
 class CoordinatorNode(Node):
@@ -114,6 +132,7 @@ class CoordinatorNode(Node):
         self.ready = False
         self._missing: list[str] = [n.name for n in plan.chunks]
         self._was_missing: set[str] = set()
+        self._missing_reported_at = time.monotonic()
         self.scheduler.not_ready_reason = self._not_ready_text(self._missing)
 
         # Reentrant groups only: rclpy's MultiThreadedExecutor busy-spins while a ready entity
@@ -213,6 +232,7 @@ class CoordinatorNode(Node):
 
     def _check_ring(self) -> None:
         missing = self.liveness.missing()
+        now = time.monotonic()
         if missing != self._missing:
             if missing:
                 self.get_logger().warning(f"chunk nodes missing: {', '.join(missing)}")
@@ -220,6 +240,12 @@ class CoordinatorNode(Node):
                 self.get_logger().info("ring complete: all chunk nodes are up; ready")
             self._was_missing.update(missing)
             self._missing = missing
+            self._missing_reported_at = now
+        elif missing and now - self._missing_reported_at >= max(
+                5.0, MISSING_REPORT_HEARTBEATS * self.cfg.coordinator.heartbeat_timeout_s):
+            self._missing_reported_at = now
+            self.get_logger().warning("chunk nodes still missing: " + "; ".join(
+                f"{n} ({self.liveness.why_missing(n)})" for n in missing))
         self.ready = not missing
         self.scheduler.not_ready_reason = self._not_ready_text(missing) if missing else None
         self.scheduler.lost_nodes = list(missing)

@@ -1,0 +1,85 @@
+"""The pip launcher's supervision, with stand-in node processes (no ROS, no model): what it
+does when a chunk node says that it hears no coordinator (restart it only when it was respawned)."""
+import io
+import os
+import signal
+import sys
+import time
+
+import pytest
+
+from mdi_llm_ros.core.plan import COORDINATOR_SILENT
+from mdi_llm_ros.launcher import Cluster, NodeSpec
+
+# A stand-in chunk node: counts its starts in a file and, on its first two, logs what a real one
+# logs when the coordinator stays silent; then it waits to be stopped.
+FAKE_CHUNK = f"""
+import pathlib, signal, sys, time
+for sig in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(sig, lambda *_: sys.exit(0))
+starts = pathlib.Path(sys.argv[0]).with_name("starts.txt")
+n = int(starts.read_text() or 0) + 1 if starts.exists() else 1
+starts.write_text(str(n))
+print(f"start {{n}}", flush=True)
+if n <= 2:
+    time.sleep(0.3)
+    print("[WARN] [b]: {COORDINATOR_SILENT} on /mdi/status for 10 s", flush=True)
+time.sleep(60)
+"""
+FAKE_COORDINATOR = """
+import signal, sys, time
+for sig in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(sig, lambda *_: sys.exit(0))
+time.sleep(60)
+"""
+
+
+def _spec(name: str, role: str, module: str) -> NodeSpec:
+    return NodeSpec(name=name, role=role, host="h", executable=module, module=module, parameters={}, env={})
+
+
+def _cluster(tmp_path, out: io.StringIO, respawn: bool) -> Cluster:
+    """A stand-in coordinator and chunk node `b`, started."""
+    (tmp_path / "fake_chunk.py").write_text(FAKE_CHUNK)
+    (tmp_path / "fake_coordinator.py").write_text(FAKE_COORDINATOR)
+    cluster = Cluster([_spec("coordinator", "coordinator", "fake_coordinator"), _spec("b", "chunk", "fake_chunk")],
+                      respawn=respawn, env=dict(os.environ, PYTHONPATH=str(tmp_path)), out=out,
+                      python=sys.executable)
+    cluster.start()
+    return cluster
+
+
+def _run_until(cluster: Cluster, out: io.StringIO, text: str, timeout: float = 15.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        cluster.supervise_once()
+        if text in out.getvalue():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("respawn", [True, False])
+def test_a_respawned_chunk_node_that_hears_no_coordinator_is_restarted(tmp_path, respawn):
+    out = io.StringIO()
+    cluster = _cluster(tmp_path, out, respawn=respawn)
+    try:
+        # A first start (the coordinator may still be loading) only logs that it hears none.
+        assert _run_until(cluster, out, COORDINATOR_SILENT), out.getvalue()
+        time.sleep(0.5)
+        assert cluster.supervise_once() is None
+        assert "restarting it" not in out.getvalue() and "respawning" not in out.getvalue()
+        if respawn:
+            os.kill(cluster.procs["b"].pid, signal.SIGKILL)
+            assert _run_until(cluster, out, "b exited with -9; respawning (restart 1)"), out.getvalue()
+            # The respawned node hears no coordinator although it runs: stopped and started afresh.
+            assert _run_until(cluster, out, "b hears no coordinator although the coordinator runs; "
+                                            "restarting it"), out.getvalue()
+            assert _run_until(cluster, out, "respawning (restart 2)"), out.getvalue()
+            assert _run_until(cluster, out, "start 3"), out.getvalue()
+            time.sleep(0.6)                      # the third start is quiet: no further restart
+            cluster.supervise_once()
+            assert "restart 3" not in out.getvalue()
+    finally:
+        codes = cluster.stop()
+    assert codes == {"coordinator": 0, "b": 0}, out.getvalue()
