@@ -19,9 +19,10 @@ from pathlib import Path
 
 from .core.config import ClusterConfig, load_config
 from .core.models import load_model_info, resolve_model_dir
-from .core.plan import COORDINATOR_SILENT, make_plan
+from .core.plan import COORDINATOR_JOINED, COORDINATOR_SILENT, make_plan
 
 EXECUTABLES = {"coordinator": "coordinator_node", "chunk": "chunk_node"}
+MAX_DEAF_RESTARTS = 3   # in a row, for a respawned chunk node whose coordinator runs on another host
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,7 @@ class Cluster:
         self.python = python
         self.procs: dict[str, subprocess.Popen] = {}
         self.restarts: dict[str, int] = {}
+        self.deaf_restarts: dict[str, int] = {}   # restarts for hearing no coordinator, since it last joined
         self._out_lock = threading.Lock()
         self._stopping = False
         self._shm_before = fastdds_segments()
@@ -142,24 +144,32 @@ class Cluster:
     def _pump(self, name: str, proc: subprocess.Popen) -> None:
         for line in proc.stdout:                       # type: ignore[union-attr]
             self._log(name, line)
-            if COORDINATOR_SILENT in line and self._coordinator_runs_here(name):
+            if COORDINATOR_JOINED in line:
+                self.deaf_restarts[name] = 0
+            elif COORDINATOR_SILENT in line and self._deaf_after_respawn(name):
+                self.deaf_restarts[name] = self.deaf_restarts.get(name, 0) + 1
                 self._restart_deaf(name, proc)
 
-    def _coordinator_runs_here(self, name: str) -> bool:
-        """True when `name` is a respawned chunk node and this launcher's coordinator runs: then a
-        chunk node that hears no coordinator has a broken DDS participant, not a missing peer."""
+    def _deaf_after_respawn(self, name: str) -> bool:
+        """Whether to restart `name`, a chunk node that hears no coordinator: only a respawned one
+        (a first start may simply be early), always while this launcher's own coordinator runs (then
+        the node, not the coordinator, is at fault), else at most MAX_DEAF_RESTARTS times in a row
+        (the coordinator on another host may be down: no endless reloading)."""
+        if not (self.respawn and self.specs[name].role == "chunk" and self.restarts.get(name, 0) > 0):
+            return False
         coordinator = next((n for n, s in self.specs.items() if s.role == "coordinator"), None)
-        return (self.respawn and self.specs[name].role == "chunk" and self.restarts.get(name, 0) > 0
-                and coordinator in self.procs and self.procs[coordinator].poll() is None)
+        if coordinator in self.procs and self.procs[coordinator].poll() is None:
+            return True
+        return self.deaf_restarts.get(name, 0) < MAX_DEAF_RESTARTS
 
     def _restart_deaf(self, name: str, proc: subprocess.Popen) -> None:
-        """Stop a chunk node that cannot hear the running coordinator; supervise_once respawns it.
+        """Stop a respawned chunk node that hears no coordinator; supervise_once starts it afresh.
 
         Seen once in CI: a chunk node respawned right after a SIGKILL never heard the coordinator,
         and nothing changed in 60 s, while a fresh process joins in a few seconds."""
         if self._stopping or proc.poll() is not None:
             return
-        self._log("launcher", f"{name} hears no coordinator although the coordinator runs; restarting it")
+        self._log("launcher", f"{name} hears no coordinator since it was respawned; restarting it")
         try:
             os.killpg(proc.pid, signal.SIGTERM)
         except ProcessLookupError:

@@ -11,17 +11,17 @@ import pytest
 from mdi_llm_ros.core.plan import COORDINATOR_SILENT
 from mdi_llm_ros.launcher import Cluster, NodeSpec
 
-# A stand-in chunk node: counts its starts in a file and, on its first two, logs what a real one
-# logs when the coordinator stays silent; then it waits to be stopped.
+# A stand-in chunk node: counts its starts in a file and, on its first SILENT_STARTS, logs what a
+# real one logs when the coordinator stays silent; then it waits to be stopped.
 FAKE_CHUNK = f"""
-import pathlib, signal, sys, time
+import os, pathlib, signal, sys, time
 for sig in (signal.SIGINT, signal.SIGTERM):
     signal.signal(sig, lambda *_: sys.exit(0))
 starts = pathlib.Path(sys.argv[0]).with_name("starts.txt")
 n = int(starts.read_text() or 0) + 1 if starts.exists() else 1
 starts.write_text(str(n))
 print(f"start {{n}}", flush=True)
-if n <= 2:
+if n <= int(os.environ["SILENT_STARTS"]):
     time.sleep(0.3)
     print("[WARN] [b]: {COORDINATOR_SILENT} on /mdi/status for 10 s", flush=True)
 time.sleep(60)
@@ -38,12 +38,14 @@ def _spec(name: str, role: str, module: str) -> NodeSpec:
     return NodeSpec(name=name, role=role, host="h", executable=module, module=module, parameters={}, env={})
 
 
-def _cluster(tmp_path, out: io.StringIO, respawn: bool) -> Cluster:
-    """A stand-in coordinator and chunk node `b`, started."""
+def _cluster(tmp_path, out: io.StringIO, respawn: bool, coordinator: bool = True,
+             silent_starts: int = 2) -> Cluster:
+    """A stand-in chunk node `b` (and coordinator, unless it runs on another host), started."""
     (tmp_path / "fake_chunk.py").write_text(FAKE_CHUNK)
     (tmp_path / "fake_coordinator.py").write_text(FAKE_COORDINATOR)
-    cluster = Cluster([_spec("coordinator", "coordinator", "fake_coordinator"), _spec("b", "chunk", "fake_chunk")],
-                      respawn=respawn, env=dict(os.environ, PYTHONPATH=str(tmp_path)), out=out,
+    specs = [_spec("coordinator", "coordinator", "fake_coordinator")] if coordinator else []
+    cluster = Cluster([*specs, _spec("b", "chunk", "fake_chunk")], respawn=respawn,
+                      env=dict(os.environ, PYTHONPATH=str(tmp_path), SILENT_STARTS=str(silent_starts)), out=out,
                       python=sys.executable)
     cluster.start()
     return cluster
@@ -73,8 +75,8 @@ def test_a_respawned_chunk_node_that_hears_no_coordinator_is_restarted(tmp_path,
             os.kill(cluster.procs["b"].pid, signal.SIGKILL)
             assert _run_until(cluster, out, "b exited with -9; respawning (restart 1)"), out.getvalue()
             # The respawned node hears no coordinator although it runs: stopped and started afresh.
-            assert _run_until(cluster, out, "b hears no coordinator although the coordinator runs; "
-                                            "restarting it"), out.getvalue()
+            assert _run_until(cluster, out, "b hears no coordinator since it was respawned; restarting it"), \
+                out.getvalue()
             assert _run_until(cluster, out, "respawning (restart 2)"), out.getvalue()
             assert _run_until(cluster, out, "start 3"), out.getvalue()
             time.sleep(0.6)                      # the third start is quiet: no further restart
@@ -83,3 +85,24 @@ def test_a_respawned_chunk_node_that_hears_no_coordinator_is_restarted(tmp_path,
     finally:
         codes = cluster.stop()
     assert codes == {"coordinator": 0, "b": 0}, out.getvalue()
+
+
+def test_with_the_coordinator_on_another_host_a_deaf_node_is_restarted_three_times_in_a_row(tmp_path):
+    """The remote coordinator may be down: a respawned node that keeps hearing none is restarted
+    MAX_DEAF_RESTARTS times, then left to wait (and to keep saying so)."""
+    from mdi_llm_ros.launcher import MAX_DEAF_RESTARTS
+    out = io.StringIO()
+    cluster = _cluster(tmp_path, out, respawn=True, coordinator=False, silent_starts=100)
+    try:
+        assert _run_until(cluster, out, COORDINATOR_SILENT), out.getvalue()
+        os.kill(cluster.procs["b"].pid, signal.SIGKILL)
+        last = f"respawning (restart {1 + MAX_DEAF_RESTARTS})"
+        assert _run_until(cluster, out, last), out.getvalue()
+        assert _run_until(cluster, out, f"start {2 + MAX_DEAF_RESTARTS}"), out.getvalue()
+        time.sleep(1.0)                     # its silence is logged again, but it is not restarted
+        cluster.supervise_once()
+        assert out.getvalue().count("restarting it") == MAX_DEAF_RESTARTS, out.getvalue()
+        assert f"restart {2 + MAX_DEAF_RESTARTS}" not in out.getvalue()
+    finally:
+        codes = cluster.stop()
+    assert codes == {"b": 0}, out.getvalue()

@@ -105,9 +105,10 @@ def hop_topic(namespace: str, hop: int) -> str:
     return f"{ring_prefix(namespace)}/hop_{hop}"
 
 
-# What a chunk node logs when its coordinator has been silent for a while; the pip launcher
-# restarts a respawned chunk node that logs it while the launcher's own coordinator runs.
+# What a chunk node logs when its coordinator has been silent for a while, and when it joins
+# one: the pip launcher restarts a respawned chunk node that stays deaf (launcher.Cluster).
 COORDINATOR_SILENT = "no status from the coordinator"
+COORDINATOR_JOINED = "joined coordinator epoch"
 
 
 def status_topic(namespace: str) -> str:

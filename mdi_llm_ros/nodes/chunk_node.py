@@ -21,7 +21,7 @@ from rclpy.node import Node
 from mdi_llm_ros.msg import ActivationBatch, NodeStatus
 
 from ..core.chunk import ChunkExecutor
-from ..core.plan import COORDINATOR_SILENT, DTYPE_BYTES, status_topic
+from ..core.plan import COORDINATOR_JOINED, COORDINATOR_SILENT, DTYPE_BYTES, status_topic
 from ..core.ring import ChunkHandler, take_ring_work
 from .common import (RING_QOS, STATUS_QOS, from_batch_msgs, load_plan, make_status, run_node, set_threads,
                      to_batch_msg)
@@ -139,7 +139,7 @@ class ChunkNode(Node):
         if s.epoch == self.handler.epoch:
             return
         dropped = self.handler.adopt_epoch(s.epoch)
-        self.get_logger().info(f"joined coordinator epoch {s.epoch}"
+        self.get_logger().info(f"{COORDINATOR_JOINED} {s.epoch}"
                                + (f"; dropped {dropped} caches of the previous epoch" if dropped else ""))
         self.publish_status()
 
