@@ -147,7 +147,6 @@ class Cluster:
             if COORDINATOR_JOINED in line:
                 self.deaf_restarts[name] = 0
             elif COORDINATOR_SILENT in line and self._deaf_after_respawn(name):
-                self.deaf_restarts[name] = self.deaf_restarts.get(name, 0) + 1
                 self._restart_deaf(name, proc)
 
     def _deaf_after_respawn(self, name: str) -> bool:
@@ -169,6 +168,7 @@ class Cluster:
         and nothing changed in 60 s, while a fresh process joins in a few seconds."""
         if self._stopping or proc.poll() is not None:
             return
+        self.deaf_restarts[name] = self.deaf_restarts.get(name, 0) + 1
         self._log("launcher", f"{name} hears no coordinator since it was respawned; restarting it")
         try:
             os.killpg(proc.pid, signal.SIGTERM)

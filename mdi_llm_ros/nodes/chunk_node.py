@@ -27,7 +27,8 @@ from .common import (RING_QOS, STATUS_QOS, from_batch_msgs, load_plan, make_stat
                      to_batch_msg)
 
 LINK_SETTLE_S = 0.3   # both sides of a new DDS match learn of it at about, not exactly, the same time
-COORDINATOR_SILENCE_WARN_S = 10.0   # say so when the coordinator has not been heard for this long
+COORDINATOR_SILENCE_WARN_S = 10.0   # say so when the coordinator has not been heard for this long,
+COORDINATOR_SILENCE_REPEAT_S = 30.0  # and again this often while it lasts
 MAX_MERGED_PREFILLS = 64   # ring messages of prompts taken together (handle_many bounds the positions)
 
 
@@ -161,11 +162,11 @@ class ChunkNode(Node):
         return self._ready
 
     def warn_if_coordinator_silent(self) -> None:
-        """A chunk node that never hears its coordinator serves nobody: say so, and what to check
-        (every 30 s while it lasts), instead of waiting in silence."""
+        """A chunk node that never hears its coordinator serves nobody: say so, and what to check,
+        instead of waiting in silence."""
         now = time.monotonic()
         silent = now - self._coordinator_heard_at
-        if silent < COORDINATOR_SILENCE_WARN_S or now - self._silence_warned_at < 30.0:
+        if silent < COORDINATOR_SILENCE_WARN_S or now - self._silence_warned_at < COORDINATOR_SILENCE_REPEAT_S:
             return
         self._silence_warned_at = now
         self.get_logger().warning(

@@ -73,13 +73,11 @@ class ChunkLiveness:
         Only a node that has joined our epoch counts: until then it would drop our activations."""
         if s.name not in self.names:
             return False
-        if s.epoch != self.epoch:
-            self.unready[s.name] = (time.monotonic(), "its heartbeats arrive, but it has not joined this "
-                                    "coordinator's epoch: it does not hear the coordinator")
-            return False
-        if not s.ready:
-            self.unready[s.name] = (time.monotonic(), "its heartbeats arrive, but its ring topics have not "
-                                    "matched both neighbours yet")
+        why_not = ("it has not joined this coordinator's epoch: it does not hear the coordinator"
+                   if s.epoch != self.epoch else
+                   "its ring topics have not matched both neighbours yet" if not s.ready else None)
+        if why_not:
+            self.unready[s.name] = (time.monotonic(), f"its heartbeats arrive, but {why_not}")
             return False
         restarted = s.name in self.started_at and self.started_at[s.name] != s.started_at_ns
         self.started_at[s.name] = s.started_at_ns
