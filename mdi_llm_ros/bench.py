@@ -104,6 +104,35 @@ def run_baseline(mode: str, model_dir: str, n: int, tokens: int, threads: int) -
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def floor_main() -> int:
+    """Child: python -m mdi_llm_ros.bench --floor. A chunk node process's runtime before any
+    weights or caches: the interpreter, the chunk node's imports (torch, numpy, rclpy) and one
+    ROS node with its DDS participant, spun for a second. Prints one JSON line."""
+    import resource
+
+    import rclpy
+
+    from .nodes import chunk_node  # noqa: F401  (what a chunk process imports)
+    rclpy.init()
+    node = rclpy.create_node(f"mdi_bench_floor_{os.getpid()}")
+    end = time.monotonic() + 1.0
+    while time.monotonic() < end:
+        rclpy.spin_once(node, timeout_sec=0.1)
+    node.destroy_node()
+    rclpy.try_shutdown()
+    print(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+    return 0
+
+
+def run_floor() -> int:
+    """Peak RSS of a chunk node process's runtime alone (see floor_main), in bytes."""
+    r = subprocess.run([sys.executable, "-m", "mdi_llm_ros.bench", "--floor"], capture_output=True, text=True,
+                       timeout=300)
+    if r.returncode != 0:
+        raise RuntimeError(f"runtime floor probe failed: {r.stderr[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])["peak_rss"]
+
+
 # --- ring scenarios -------------------------------------------------------------------
 
 def _percentile(values: list[float], q: float) -> float:
@@ -183,7 +212,7 @@ def drive_main(argv: list[str]) -> int:
         "per_token_ms": 1000 / results[0].tokens_per_second if n == 1 and results[0].tokens_per_second else None,
         "wire_bytes_per_token": nbytes / generated if generated else 0, "busy_share": busy,
         "greedy_identical": first_diff is None and ok, "first_diverging_char": first_diff,
-        "diverged": diverged}))
+        "diverged": diverged, "kv_cache_peak": {x: after[x].kv_cache_peak_bytes for x in after}}))
     return 0
 
 
@@ -362,6 +391,7 @@ def run_ring(model: str, k: int, ns: list[int], tokens: int, *, pin: bool, threa
     if threads:
         env["MDI_TORCH_THREADS"] = str(threads)
     specs = node_specs(cfg_path)
+    weights = ring_weights(cfg_path)
     if lab is not None:
         lab.up()
         specs = [replace(s, prefix=lab.exec_prefix(s.host)) for s in specs]
@@ -395,8 +425,19 @@ def run_ring(model: str, k: int, ns: list[int], tokens: int, *, pin: bool, threa
         log.close()
         if lab is not None:
             lab.down()
+    kv = {name: max(s.get("kv_cache_peak", {}).get(name, 0) for s in scenarios) for name in peaks}
     return {"k": k, "kernels": kernels, "network": "localhost" if lab is None else "netns", "scenarios": scenarios,
-            "peak_rss": peaks}
+            "peak_rss": peaks, "weights": weights, "kv_cache_peak": kv}
+
+
+def ring_weights(cfg_path: Path) -> dict[str, int]:
+    """Parameter bytes each node of the config's plan holds (the coordinator: embedding, norm, head)."""
+    from .core.config import load_config
+    from .core.models import load_model_info, resolve_model_dir
+    from .core.plan import make_plan
+    cfg = load_config(str(cfg_path))
+    plan = make_plan(cfg, load_model_info(resolve_model_dir(cfg.model.name)))
+    return {n.name: n.weight_bytes for n in plan.nodes}
 
 
 def run_long_prompt(model: str, k: int, piece: int, *, workdir: Path, reference: str) -> dict:
@@ -479,6 +520,7 @@ def markdown(res: dict) -> str:
         where = "" if ring.get("network", "localhost") == "localhost" else f" ({ring['network']})"
         lines.append(f"| {_ring_label(ring)}{where} | "
                      + ", ".join(f"{n} {v / 1e6:.0f}" for n, v in ring["peak_rss"].items()) + " |")
+    lines += memory_markdown(res)
     lab = [s for ring in res["rings"] for s in ring["scenarios"] if s.get("network", "localhost") != "localhost"]
     if lab:
         lines += ["", "Emulated devices (one network namespace per device, UDP over veth links through a bridge; "
@@ -494,7 +536,85 @@ def markdown(res: dict) -> str:
                           f"{'yes' if s['greedy_identical'] else 'NO'} |")
     if res.get("long_prompt"):
         lines += long_prompt_markdown(res["long_prompt"])
+    lines += target_lines(res)
     return "\n".join(lines)
+
+
+# Issue 7's memory targets: a node's peak RSS may exceed the weights it holds by at most this much.
+CHUNK_ALLOWANCE = 350e6
+COORDINATOR_ALLOWANCE = 450e6
+
+
+def memory_markdown(res: dict) -> list[str]:
+    """Where each node's peak memory goes: weights (from the plan), the most KV cache its requests
+    held at once (the node's own count), the runtime a chunk process has before loading anything
+    (measured in this run), and the rest (kernels' working memory, messages, DDS traffic)."""
+    rings = [r for r in res["rings"] if "weights" in r]
+    if not rings:
+        return []
+    floor = res.get("runtime_floor")
+    lines = ["", "| config | node | peak RSS | weights | KV cache (most held) | runtime alone | rest | "
+             "limit (weights + 350 / 450) | within |", "|---|---|---|---|---|---|---|---|---|"]
+    for ring in rings:
+        where = "" if ring.get("network", "localhost") == "localhost" else f" ({ring['network']})"
+        for name, peak in ring["peak_rss"].items():
+            weights = ring["weights"].get(name, 0)
+            chunk = name != "coordinator"
+            limit = weights + (CHUNK_ALLOWANCE if chunk else COORDINATOR_ALLOWANCE)
+            kv = ring["kv_cache_peak"].get(name, 0)
+            parts = (f"{kv / 1e6:.0f} | {floor / 1e6:.0f} | {(peak - weights - kv - floor) / 1e6:.0f}"
+                     if chunk and floor else "- | - | -")
+            lines.append(f"| {_ring_label(ring)}{where} | {name} | {peak / 1e6:.0f} | {weights / 1e6:.0f} | {parts} | "
+                         f"{limit / 1e6:.0f} | {'yes' if peak <= limit else f'NO (+{(peak - limit) / 1e6:.0f})'} |")
+    return lines
+
+
+def target_lines(res: dict) -> list[str]:
+    """Issue 7's targets, judged on this run's figures (those it measured)."""
+    seq = {b["n"]: b for b in res["baselines"] if b["mode"] == "sequential"}
+    bat = {b["n"]: b for b in res["baselines"] if b["mode"] == "batched"}
+    base_seq = seq[min(seq)]["tokens_per_s"]
+    local = [r for r in res["rings"] if r.get("network", "localhost") == "localhost"]
+    kernels = list(dict.fromkeys(r.get("kernels", "exact") for r in local))
+
+    def scenario(kern: str, k: int, n: int) -> dict | None:
+        return next((s for r in local if r["k"] == k and r.get("kernels", "exact") == kern
+                     for s in r["scenarios"] if s["n"] == n), None)
+
+    def judge(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
+    out = ["", "Targets (issue 7) in this run" + (f" (quick: N ≤ {max(s['n'] for r in local for s in r['scenarios'])}, "
+                                                f"{res['tokens']} tokens; the targets are for the full run)"
+                                                if res.get("quick") and local else "") + ":"]
+    for what, k, n, over, need in (("≥ 4× sequential", 2, 16, None, 4.0), ("≥ 1.0× batched", 2, 16, 16, 1.0),
+                                   ("≥ 0.9× sequential", 3, 1, None, 0.9)):
+        base = base_seq if over is None else bat.get(over, {}).get("tokens_per_s")
+        found = [(kern, scenario(kern, k, n)) for kern in kernels]
+        found = [(kern, s["tokens_per_s"] / base) for kern, s in found if s and base]
+        if found:
+            out.append(f"* K={k}, N={n} {what}: " + "; ".join(
+                f"{kern} {ratio:.2f}× {judge(ratio >= need)}" for kern, ratio in found))
+    for kern in kernels:
+        rings = sorted((r for r in local if r.get("kernels", "exact") == kern and "weights" in r), key=lambda r: r["k"])
+        if not rings:
+            continue
+        over = [f"K={r['k']} {name} +{(peak - r['weights'][name] - CHUNK_ALLOWANCE) / 1e6:.0f} MB"
+                for r in rings for name, peak in r["peak_rss"].items()
+                if name != "coordinator" and peak > r["weights"].get(name, 0) + CHUNK_ALLOWANCE]
+        most = [max(v for name, v in r["peak_rss"].items() if name != "coordinator") for r in rings]
+        falls = all(a > b for a, b in zip(most, most[1:]))
+        coord = [r["peak_rss"]["coordinator"] - r["weights"]["coordinator"] - COORDINATOR_ALLOWANCE
+                 for r in rings if "coordinator" in r["peak_rss"]]
+        out.append(f"* {kern}: chunk peak ≤ weights + 350 MB {judge(not over)}"
+                   + (f" ({', '.join(over)})" if over else "")
+                   + (f"; falls as K grows {judge(falls)} ({' → '.join(f'{m / 1e6:.0f}' for m in most)} MB)"
+                      if len(rings) > 1 else "")
+                   + f"; coordinator ≤ head + 450 MB {judge(all(c <= 0 for c in coord))}")
+    same = [s["greedy_identical"] for r in res["rings"] for s in r["scenarios"]]
+    out.append(f"* greedy output identical to transformers: {judge(all(same))} ({sum(same)} of {len(same)} "
+               "ring scenarios)")
+    return out
 
 
 def _divergence_text(s: dict) -> str:
@@ -530,20 +650,30 @@ def plot(res: dict, path: Path) -> None:
     ax.set_ylabel("aggregate generated tokens/s")
     ax.legend()
     ax.grid(alpha=0.3)
-    labels, values = [], []
+    # per-node memory bars, stacked where the run split them: weights, KV cache, runtime alone, rest
+    labels, stacks = [], []
     biggest = max((b["n"] for b in res["baselines"] if b["mode"] == "batched"), default=0)
     for b in res["baselines"]:
         if b["mode"] == "sequential" or b["n"] == biggest:
             labels.append(f"HF {b['mode'][:3]}" + (f" N={b['n']}" if b["mode"] == "batched" else ""))
-            values.append(b["peak_rss"] / 1e6)
+            stacks.append((0, 0, 0, b["peak_rss"] / 1e6))
+    floor = res.get("runtime_floor") or 0
     for ring in res["rings"]:
         for name, v in ring["peak_rss"].items():
             where = "" if ring.get("network", "localhost") == "localhost" else " ns"
             packed = "p" if ring.get("kernels", "exact") == "packed" else ""
             labels.append(f"K{ring['k']}{packed}{where} {name.replace('chunk_', 'c')}")
-            values.append(v / 1e6)
-    bx.bar(range(len(values)), values)
-    bx.set_xticks(range(len(values)), labels, rotation=60, ha="right", fontsize=8)
+            weights = ring.get("weights", {}).get(name, 0)
+            kv = ring.get("kv_cache_peak", {}).get(name, 0)
+            runtime = floor if name != "coordinator" and weights else 0
+            stacks.append(tuple(x / 1e6 for x in (weights, kv, runtime, v - weights - kv - runtime)))
+    bottom = [0.0] * len(stacks)
+    for i, part in enumerate(("weights", "KV cache (most held)", "chunk runtime alone", "rest")):
+        heights = [st[i] for st in stacks]
+        bx.bar(range(len(stacks)), heights, bottom=bottom, label=part)
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    bx.legend(fontsize=8)
+    bx.set_xticks(range(len(stacks)), labels, rotation=60, ha="right", fontsize=8)
     bx.set_ylabel("peak RSS (MB)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -584,6 +714,8 @@ def run_bench(*, quick: bool, pin: bool, threads: int | None, model: str, out_di
     for n in sorted(set(ns) - {1}) or [1]:
         res["baselines"].append(run_baseline("batched", model_dir, n, tokens, cores))
         _log(f"batched N={n}: {res['baselines'][-1]['tokens_per_s']:.1f} tokens/s")
+    res["runtime_floor"] = run_floor()
+    _log(f"a chunk node's runtime alone (imports + one ROS node): {res['runtime_floor'] / 1e6:.0f} MB")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     logs = out_dir / f"{stamp}-logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -615,5 +747,7 @@ if __name__ == "__main__":
         sys.exit(drive_main(sys.argv[2:]))
     if len(sys.argv) > 1 and sys.argv[1] == "--divergence":
         sys.exit(divergence_main(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "--floor":
+        sys.exit(floor_main())
     print("use `mdi-llm bench`", file=sys.stderr)
     sys.exit(2)

@@ -35,7 +35,7 @@ class SoakReport:
     problems: list[str] = field(default_factory=list)
     rss_warm: dict[str, int] = field(default_factory=dict)
     rss_end: dict[str, int] = field(default_factory=dict)
-    leftover: dict[str, tuple[int, int]] = field(default_factory=dict)
+    leftover: dict[str, tuple[int, int, int]] = field(default_factory=dict)   # cached, queued, KV bytes
 
     @property
     def ok(self) -> bool:
@@ -139,14 +139,15 @@ def run_soak(namespace: str, *, duration_s: float, clients: int, warmup_s: float
         time.sleep(1.0)                       # releases travel the ring
         end = watch.fresh()
         report.rss_end = {n: s.resident_memory_bytes for n, s in end.items()}
-        report.leftover = {n: (s.requests_cached, s.queue_depth) for n, s in end.items()}
+        report.leftover = {n: (s.requests_cached, s.queue_depth, s.kv_cache_bytes) for n, s in end.items()}
         total_sent = sum(report.sent.values())
         total_answered = sum(report.answered.values())
         if total_sent != total_answered:
             report.problems.append(f"{total_sent} requests sent but {total_answered} terminal answers")
-        for name, (cached, queued) in report.leftover.items():
-            if cached or queued:
-                report.problems.append(f"{name} still holds {cached} requests/caches and {queued} queued")
+        for name, (cached, queued, kv_bytes) in report.leftover.items():
+            if cached or queued or kv_bytes:
+                report.problems.append(f"{name} still holds {cached} requests/caches, {queued} queued "
+                                       f"and {kv_bytes} bytes of KV cache blocks")
         for name, warm in report.rss_warm.items():
             final = report.rss_end.get(name)
             if final is None:

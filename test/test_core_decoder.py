@@ -161,3 +161,26 @@ def test_paged_cache_reuses_released_blocks_and_grows(tiny_dir):
         torch.testing.assert_close(b, fresh.forward(rid, step, pos, h), rtol=1e-5, atol=1e-5)
     assert paged.release_all() == 12 and paged.pool.blocks_in_use == 0
 
+
+
+def test_chunk_counts_the_kv_cache_bytes_its_requests_hold(tiny_dir):
+    """The KV bytes a chunk reports (in its NodeStatus, and in the benchmark's memory table) are
+    its live requests' blocks: they fall on release and reach 0; the peak keeps the most held."""
+    info = load_model_info(tiny_dir)
+    cfg = info.raw_config
+    heads = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    per_block = 2 * 2 * BLOCK_TOKENS * heads * head_dim * 4        # keys and values, 2 layers, float32
+    chunk = ChunkExecutor(info, 0, 2)
+    assert chunk.kv_cache_bytes == chunk.kv_cache_peak_bytes == 0
+    gen = torch.Generator().manual_seed(3)
+    chunk.forward(1, 0, 0, torch.randn(1, 40, 64, generator=gen))
+    chunk.forward(2, 0, 0, torch.randn(1, 100, 64, generator=gen))
+    both = (-(-40 // BLOCK_TOKENS) + -(-100 // BLOCK_TOKENS)) * per_block
+    assert chunk.kv_cache_bytes == chunk.kv_cache_peak_bytes == both
+    chunk.release(2)
+    assert chunk.kv_cache_bytes == -(-40 // BLOCK_TOKENS) * per_block and chunk.kv_cache_peak_bytes == both
+    chunk.forward(1, 1, 40, torch.randn(1, 1, 64, generator=gen))      # a decode step within its last block
+    assert chunk.kv_cache_bytes == -(-41 // BLOCK_TOKENS) * per_block
+    chunk.release_all()
+    assert chunk.kv_cache_bytes == 0 and chunk.kv_cache_peak_bytes == both

@@ -175,7 +175,7 @@ def test_malformed_activations_are_dropped_and_counted(ros_env, tmp_path, tiny_d
         assert {"foreign_cluster", "foreign_epoch", "stale_epoch", "bad_kind", "bad_tensor",
                 "released_request", "unknown_request", "oversized"} <= causes
         assert proc.output().count("dropped activation (foreign_cluster") <= 3     # rate-limited log
-        assert all(st[n].requests_cached == 0 for n in "abc")
+        assert all(st[n].requests_cached == 0 and st[n].kv_cache_bytes == 0 for n in "abc")
     finally:
         assert proc.stop() == 0, proc.output()[-2000:]
 

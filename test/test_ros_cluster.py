@@ -88,6 +88,9 @@ def test_ring_service_action_and_concurrency(cluster, ros_node, ros_env, referen
     assert set(status) == {"chunk_0", "chunk_1", "chunk_2"}
     assert all(s.requests_cached == 0 for s in status.values()), {k: s.requests_cached for k, s in status.items()}
     assert all(s.tokens_processed > 0 and s.resident_memory_bytes > 0 for s in status.values())
+    # ... and their KV blocks: none held now, though the earlier requests held some
+    assert all(s.kv_cache_bytes == 0 < s.kv_cache_peak_bytes < s.resident_memory_bytes for s in status.values()), \
+        {k: (s.kv_cache_bytes, s.kv_cache_peak_bytes) for k, s in status.items()}
 
     # 5. a long prompt travels in prefill pieces while a short request decodes: both equal transformers
     import threading

@@ -113,6 +113,16 @@ class ChunkExecutor:
     def num_cached(self) -> int:
         return len(self.caches)
 
+    @property
+    def kv_cache_bytes(self) -> int:
+        """Bytes of KV cache blocks that live requests hold now (0 once every request is released)."""
+        return self.pool.bytes_in_use
+
+    @property
+    def kv_cache_peak_bytes(self) -> int:
+        """The most KV cache bytes held at once since start: its share of the node's peak memory."""
+        return self.pool.peak_bytes
+
     @torch.inference_mode()
     def forward(self, request_id: int, step: int, position: int, hidden: torch.Tensor,
                 prefill: bool | None = None) -> torch.Tensor:

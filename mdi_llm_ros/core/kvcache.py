@@ -45,10 +45,24 @@ class KVPool:
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.free = list(range(blocks - 1, 0, -1))
+        self.peak_blocks = 0    # the most blocks held at once: the cache's share of the node's peak memory
 
     @property
     def blocks_in_use(self) -> int:
         return self.num_blocks - 1 - len(self.free)
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes one block holds over all layers (keys and values); 0 before the first write."""
+        return sum(pool[0].nbytes for pool in self.keys + self.values if pool is not None)
+
+    @property
+    def bytes_in_use(self) -> int:
+        return self.blocks_in_use * self.block_bytes
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.peak_blocks * self.block_bytes
 
     def reserve(self, cache: RequestKVCache, length: int) -> None:
         """Give `cache` blocks for positions [0, length), taking (zeroed) blocks from the pool."""
@@ -58,6 +72,7 @@ class KVPool:
         if need > len(self.free):
             self._grow(need - len(self.free))
         new = [self.free.pop() for _ in range(need)]
+        self.peak_blocks = max(self.peak_blocks, self.blocks_in_use)
         index = torch.tensor(new, device=self.device)
         for pool in self.keys + self.values:
             if pool is not None:

@@ -182,7 +182,7 @@ class ChunkNode(Node):
             layers=(n.layer_start, n.layer_end), epoch=self.handler.epoch, ready=self.ring_links_up(),
             cached=ex.num_cached, queue=self.inbox.qsize() + len(self.pending), tokens=ex.stats.tokens_processed,
             drops=dict(ex.stats.drops), bytes_received=ex.stats.bytes_received,
-            busy_seconds=ex.stats.busy_seconds))
+            busy_seconds=ex.stats.busy_seconds, kv_cache=(ex.kv_cache_bytes, ex.kv_cache_peak_bytes)))
 
     def stop(self) -> None:
         st = self.handler.stats

@@ -84,7 +84,9 @@ def rss_bytes() -> int:
 
 def make_status(node, *, name: str, cluster: str, role: str, host: str, device: str, layers: tuple[int, int],
                 epoch: int, ready: bool, cached: int, queue: int, tokens: int, drops: dict[str, int],
-                missing: list[str] = (), bytes_received: int = 0, busy_seconds: float = 0.0) -> NodeStatus:
+                missing: list[str] = (), bytes_received: int = 0, busy_seconds: float = 0.0,
+                kv_cache: tuple[int, int] = (0, 0)) -> NodeStatus:
+    """kv_cache: (bytes held now, most held at once) of a chunk's KV cache."""
     s = NodeStatus()
     s.stamp = node.get_clock().now().to_msg()
     s.name, s.cluster, s.role, s.host, s.device = name, cluster, role, host, device
@@ -95,6 +97,7 @@ def make_status(node, *, name: str, cluster: str, role: str, host: str, device: 
     s.requests_cached = cached
     s.queue_depth = queue
     s.resident_memory_bytes = rss_bytes()
+    s.kv_cache_bytes, s.kv_cache_peak_bytes = (int(v) for v in kv_cache)
     s.tokens_processed = tokens
     s.bytes_received = int(bytes_received)
     s.busy_seconds = float(busy_seconds)
