@@ -1,4 +1,5 @@
 """The command-line contract: plan table, generate --local output and argument errors."""
+import re
 import subprocess
 import sys
 
@@ -34,9 +35,13 @@ def test_plan_per_device_memory_and_rejection(tmp_path, smol_dir):
     r = run(["plan", "--config", str(cfg)])
     assert r.returncode == 0, r.stderr
     assert "placement memory" in r.stdout and "[0, 20)" in r.stdout and "[20, 30)" in r.stdout
-    device_rows = r.stdout.split("weight memory per device:")[1]
+    device_rows = r.stdout.split("memory per device:")[1]
     assert "robot_a" in device_rows and "396.5" in device_rows    # head 113.2 + 20 layers 283.2
     assert "robot_b" in device_rows and "141.6" in device_rows and "58.4" in device_rows  # headroom
+    # the most KV cache each device can hold: every request in flight at full context, 1536 B per
+    # position and layer (SmolLM2: 3 KV heads of 64 floats, keys and values)
+    requests, positions = map(int, re.search(r"at most (\d+) requests x (\d+) positions", r.stdout).groups())
+    assert device_rows.split("robot_b")[1].split("\n")[0].split()[-1] == f"{10 * 1536 * requests * positions / 1e6:.0f}"
 
     cfg = write_config(tmp_path / "d.yaml", "smollm2-135m-instruct",
                        [{"name": "a", "host": "robot_a"}, {"name": "b", "host": "robot_b", "memory_mb": 120}])

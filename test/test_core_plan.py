@@ -74,7 +74,7 @@ def test_placement_by_memory_and_speed(smol_dir):
     plan = make_plan(cfg, info)
     assert [c.num_layers for c in plan.chunks] == [20, 10]          # 2:1, like the memory
     text = format_plan(plan)
-    assert "weight memory per device" in text and "r1" in text and "283.2" in text   # 20 x 14.16 MB
+    assert "memory per device" in text and "r1" in text and "283.2" in text   # 20 x 14.16 MB
 
     # Speed first, but never more layers than a device's memory holds: the fast robot has
     # room for 10 layers (150 MB), so the slower ones share the other 20 by speed.
@@ -124,3 +124,26 @@ def test_waves_default_to_devices_that_can_compute_at_once(smol_dir):
     assert plan(["a", "b"], waves=0).waves(local_cores=2) == 0  # off: every request on its own
     with pytest.raises(ConfigError, match="coordinator.waves"):
         parse_config({"model": {"name": "x"}, "coordinator": {"waves": -1}, "chunks": [{"name": "c"}]})
+
+
+def test_plan_kv_cache_per_position_is_what_a_chunk_holds(tiny_dir):
+    """The plan's KV bytes per position (what `mdi-llm plan` prints, and its 'at most' per device)
+    are the bytes a chunk's cache really takes per position of a request."""
+    import torch
+
+    from mdi_llm_ros.core.chunk import ChunkExecutor
+    from mdi_llm_ros.core.kvcache import BLOCK_TOKENS
+    info = load_model_info(tiny_dir)
+    cfg = parse_config({"model": {"name": str(tiny_dir), "max_context": 512},
+                        "coordinator": {"host": "base", "max_inflight": 64, "queue_limit": 64},
+                        "chunks": [{"name": "a", "host": "r1"}, {"name": "b", "host": "r2"}]})
+    plan = make_plan(cfg, info)
+    coord, a, b = plan.nodes
+    assert coord.kv_bytes_per_position == 0 and a.kv_bytes_per_position > 0
+    chunk = ChunkExecutor(info, a.layer_start, a.layer_end)
+    chunk.forward(1, 0, 0, torch.randn(1, 3 * BLOCK_TOKENS, info.hidden_size))   # whole blocks: no empty tail
+    assert chunk.kv_cache_bytes == 3 * BLOCK_TOKENS * a.kv_bytes_per_position
+    text = format_plan(plan)
+    r1 = next(line for line in text.splitlines() if line.startswith("r1 "))
+    assert r1.split()[-1] == f"{a.kv_bytes_per_position * 64 * 512 / 1e6:.0f}" == "25"   # 3 layers of 256 B
+    assert "at most 64 requests x 512 positions" in text

@@ -186,6 +186,14 @@ class ModelInfo:
         """Bytes of one decoder layer's tensors (stored dtype, or `dtype_bytes` per element)."""
         return self._bytes(lambda n: n.startswith(self.layer_prefix(index)), dtype_bytes)
 
+    def kv_bytes_per_position(self, dtype_bytes: int) -> int:
+        """KV cache bytes one position of one request takes in one layer (keys and values)."""
+        cfg = self.text_config
+        heads = int(cfg.get("num_attention_heads") or 1)
+        kv_heads = int(cfg.get("num_key_value_heads") or heads)
+        head_dim = int(cfg.get("head_dim") or self.hidden_size // heads)
+        return 2 * kv_heads * head_dim * dtype_bytes
+
     def head_bytes(self, dtype_bytes: int | None = None) -> int:
         """Bytes of what the coordinator holds besides layers: embedding, final norm, LM head."""
         return self._bytes(lambda n: not n.startswith("model.layers."), dtype_bytes)

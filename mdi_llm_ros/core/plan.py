@@ -33,6 +33,7 @@ class NodePlan:
     weight_bytes: int         # estimated parameter bytes in the configured dtype
     threads: int | None
     memory_mb: float | None = None
+    kv_bytes_per_position: int = 0   # KV cache one position of one request takes on this node's layers
 
     @property
     def num_layers(self) -> int:
@@ -232,6 +233,8 @@ def make_plan(config: ClusterConfig, info) -> ClusterPlan:
             next_node=config.chunks[i + 1].name if i + 1 < k else COORDINATOR,
             weight_bytes=layer_bytes(start, end), threads=ch.threads, memory_mb=ch.memory_mb))
     nodes[0] = replace(nodes[0], memory_mb=c.memory_mb)
+    kv_layer = info.kv_bytes_per_position(dtype_bytes)
+    nodes = [replace(n, kv_bytes_per_position=kv_layer * n.num_layers) for n in nodes]
     for i, node in enumerate(nodes):
         if node.memory_mb is not None and node.weight_bytes > node.memory_mb * 1e6:
             short = node.weight_bytes / 1e6 - node.memory_mb
@@ -249,11 +252,11 @@ def make_plan(config: ClusterConfig, info) -> ClusterPlan:
 
 def format_plan(plan: ClusterPlan) -> str:
     """The plan as a text table (what `mdi-llm plan` prints)."""
-    rows = [("node", "role", "host", "device", "layers", "#", "weights MB", "inbound", "outbound")]
+    rows = [("node", "role", "host", "device", "layers", "#", "weights MB", "KV KB/position", "inbound", "outbound")]
     for n in plan.nodes:
         layers = f"[{n.layer_start}, {n.layer_end})" if n.num_layers else "-"
-        rows.append((n.name, n.role, n.host, n.device, layers, str(n.num_layers),
-                     f"{n.weight_bytes / 1e6:.1f}", n.inbound_topic, n.outbound_topic))
+        rows.append((n.name, n.role, n.host, n.device, layers, str(n.num_layers), f"{n.weight_bytes / 1e6:.1f}",
+                     f"{n.kv_bytes_per_position / 1e3:.1f}" if n.num_layers else "-", n.inbound_topic, n.outbound_topic))
     head = (f"model {plan.model_path} ({plan.num_layers} layers, {plan.dtype}, {plan.kernels} kernels, "
             f"context {plan.max_context}); "
             f"ring of {len(plan.chunks)} chunk nodes; namespace {plan.config.namespace or '(none)'}; "
@@ -264,7 +267,8 @@ def format_plan(plan: ClusterPlan) -> str:
               if c.prefill_chunk_tokens else "prompts prefilled whole")
     head += (f"\nschedule: up to {c.max_inflight} requests in flight"
              + (f" in {waves} wave{'s' if waves != 1 else ''}" if waves else ", each on its own") + f"; {pieces}")
-    devices = [("device (host)", "nodes", "weights MB", "declared MB", "headroom MB")]
+    devices = [("device (host)", "nodes", "weights MB", "declared MB", "headroom MB", "KV MB at most")]
+    full = c.max_inflight * plan.max_context      # positions cached at once when every request is full
     for host in plan.hosts:
         on = [n for n in plan.nodes if n.host == host]
         weights = sum(n.weight_bytes for n in on) / 1e6
@@ -272,11 +276,14 @@ def format_plan(plan: ClusterPlan) -> str:
         total = sum(declared) if declared else None
         devices.append((host, ", ".join(n.name for n in on), f"{weights:.1f}",
                         f"{total:.0f}" if total is not None else "-",
-                        f"{total - weights:.1f}" if total is not None and len(declared) == len(on) else "-"))
+                        f"{total - weights:.1f}" if total is not None and len(declared) == len(on) else "-",
+                        f"{sum(n.kv_bytes_per_position for n in on) * full / 1e6:.0f}"))
     env = plan.config.discovery.env()
     net = ", ".join(f"{k}={v}" for k, v in env.items()) or "(inherited from the environment)"
-    return "\n".join([head, _table(rows), "", "weight memory per device:", _table(devices), "",
-                      f"discovery: {net}"])
+    return "\n".join([head, _table(rows), "", "memory per device:", _table(devices),
+                      f"(declared memory is for weights; besides them a device needs KV cache, at most "
+                      f"{c.max_inflight} requests x {plan.max_context} positions, and each node process its "
+                      "runtime: `mdi-llm bench` measures both)", "", f"discovery: {net}"])
 
 
 def _table(rows: list[tuple[str, ...]]) -> str:
