@@ -22,6 +22,8 @@ from pathlib import Path
 
 import yaml
 
+from .core.plan import COORDINATOR
+
 PROMPTS = ["The history of robotics begins with", "A warehouse robot moves boxes by",
            "The main parts of a drone are", "To navigate a building, a mobile robot"]
 # The long-prompt scenario (chunked prefill): ~1500 tokens of a robot's log to summarize.
@@ -545,6 +547,12 @@ CHUNK_ALLOWANCE = 350e6
 COORDINATOR_ALLOWANCE = 450e6
 
 
+def over_limit(ring: dict, name: str) -> float:
+    """Bytes by which a node's peak RSS exceeds its weights + allowance (<= 0: within)."""
+    allowance = COORDINATOR_ALLOWANCE if name == COORDINATOR else CHUNK_ALLOWANCE
+    return ring["peak_rss"][name] - ring["weights"].get(name, 0) - allowance
+
+
 def memory_markdown(res: dict) -> list[str]:
     """Where each node's peak memory goes: weights (from the plan), the most KV cache its requests
     held at once (the node's own count), the runtime a chunk process has before loading anything
@@ -559,13 +567,12 @@ def memory_markdown(res: dict) -> list[str]:
         where = "" if ring.get("network", "localhost") == "localhost" else f" ({ring['network']})"
         for name, peak in ring["peak_rss"].items():
             weights = ring["weights"].get(name, 0)
-            chunk = name != "coordinator"
-            limit = weights + (CHUNK_ALLOWANCE if chunk else COORDINATOR_ALLOWANCE)
+            over = over_limit(ring, name)
             kv = ring["kv_cache_peak"].get(name, 0)
             parts = (f"{kv / 1e6:.0f} | {floor / 1e6:.0f} | {(peak - weights - kv - floor) / 1e6:.0f}"
-                     if chunk and floor else "- | - | -")
+                     if name != COORDINATOR and floor else "- | - | -")
             lines.append(f"| {_ring_label(ring)}{where} | {name} | {peak / 1e6:.0f} | {weights / 1e6:.0f} | {parts} | "
-                         f"{limit / 1e6:.0f} | {'yes' if peak <= limit else f'NO (+{(peak - limit) / 1e6:.0f})'} |")
+                         f"{(peak - over) / 1e6:.0f} | {'yes' if over <= 0 else f'NO (+{over / 1e6:.0f})'} |")
     return lines
 
 
@@ -599,13 +606,11 @@ def target_lines(res: dict) -> list[str]:
         rings = sorted((r for r in local if r.get("kernels", "exact") == kern and "weights" in r), key=lambda r: r["k"])
         if not rings:
             continue
-        over = [f"K={r['k']} {name} +{(peak - r['weights'][name] - CHUNK_ALLOWANCE) / 1e6:.0f} MB"
-                for r in rings for name, peak in r["peak_rss"].items()
-                if name != "coordinator" and peak > r["weights"].get(name, 0) + CHUNK_ALLOWANCE]
-        most = [max(v for name, v in r["peak_rss"].items() if name != "coordinator") for r in rings]
+        over = [f"K={r['k']} {name} +{over_limit(r, name) / 1e6:.0f} MB"
+                for r in rings for name in r["peak_rss"] if name != COORDINATOR and over_limit(r, name) > 0]
+        most = [max(v for name, v in r["peak_rss"].items() if name != COORDINATOR) for r in rings]
         falls = all(a > b for a, b in zip(most, most[1:]))
-        coord = [r["peak_rss"]["coordinator"] - r["weights"]["coordinator"] - COORDINATOR_ALLOWANCE
-                 for r in rings if "coordinator" in r["peak_rss"]]
+        coord = [over_limit(r, COORDINATOR) for r in rings if COORDINATOR in r["peak_rss"]]
         out.append(f"* {kern}: chunk peak ≤ weights + 350 MB {judge(not over)}"
                    + (f" ({', '.join(over)})" if over else "")
                    + (f"; falls as K grows {judge(falls)} ({' → '.join(f'{m / 1e6:.0f}' for m in most)} MB)"
@@ -665,7 +670,7 @@ def plot(res: dict, path: Path) -> None:
             labels.append(f"K{ring['k']}{packed}{where} {name.replace('chunk_', 'c')}")
             weights = ring.get("weights", {}).get(name, 0)
             kv = ring.get("kv_cache_peak", {}).get(name, 0)
-            runtime = floor if name != "coordinator" and weights else 0
+            runtime = floor if name != COORDINATOR and weights else 0
             stacks.append(tuple(x / 1e6 for x in (weights, kv, runtime, v - weights - kv - runtime)))
     bottom = [0.0] * len(stacks)
     for i, part in enumerate(("weights", "KV cache (most held)", "chunk runtime alone", "rest")):

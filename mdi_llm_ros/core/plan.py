@@ -217,13 +217,15 @@ def make_plan(config: ClusterConfig, info) -> ClusterPlan:
     def layer_bytes(start: int, end: int) -> int:
         return sum(info.layer_bytes(i, dtype_bytes) for i in range(start, end))
 
+    kv_layer = info.kv_bytes_per_position(dtype_bytes)
     c = config.coordinator
     nodes = [NodePlan(
         name=COORDINATOR, role="coordinator", host=c.host, device=c.device,
         layer_start=0, layer_end=first, hop=-1,
         inbound_topic=hop_topic(ns, k), outbound_topic=hop_topic(ns, 0),
         prev_node=config.chunks[-1].name, next_node=config.chunks[0].name,
-        weight_bytes=info.head_bytes(dtype_bytes) + layer_bytes(0, first), threads=c.threads)]
+        weight_bytes=info.head_bytes(dtype_bytes) + layer_bytes(0, first), threads=c.threads,
+        kv_bytes_per_position=kv_layer * first)]
     for i, (ch, (start, end)) in enumerate(zip(config.chunks, ranges)):
         nodes.append(NodePlan(
             name=ch.name, role="chunk", host=ch.host, device=ch.device,
@@ -231,10 +233,9 @@ def make_plan(config: ClusterConfig, info) -> ClusterPlan:
             inbound_topic=hop_topic(ns, i), outbound_topic=hop_topic(ns, i + 1),
             prev_node=config.chunks[i - 1].name if i > 0 else COORDINATOR,
             next_node=config.chunks[i + 1].name if i + 1 < k else COORDINATOR,
-            weight_bytes=layer_bytes(start, end), threads=ch.threads, memory_mb=ch.memory_mb))
+            weight_bytes=layer_bytes(start, end), threads=ch.threads, memory_mb=ch.memory_mb,
+            kv_bytes_per_position=kv_layer * (end - start)))
     nodes[0] = replace(nodes[0], memory_mb=c.memory_mb)
-    kv_layer = info.kv_bytes_per_position(dtype_bytes)
-    nodes = [replace(n, kv_bytes_per_position=kv_layer * n.num_layers) for n in nodes]
     for i, node in enumerate(nodes):
         if node.memory_mb is not None and node.weight_bytes > node.memory_mb * 1e6:
             short = node.weight_bytes / 1e6 - node.memory_mb
