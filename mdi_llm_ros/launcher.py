@@ -91,14 +91,27 @@ def _mapped_shm_files() -> set[str]:
     return used
 
 
+def shm_family(name: str) -> str:
+    """The Fast DDS object a /dev/shm file belongs to: a port or data segment `fastdds_X`
+    comes with its named mutex `sem.fastdds_X_mutex` and its lock files `fastdds_X_el` / `_sl`."""
+    base = name.removeprefix("sem.")
+    for suffix in ("_mutex", "_el", "_sl"):
+        if base.endswith(suffix):
+            return base[: -len(suffix)]
+    return base
+
+
 def clean_fastdds_segments(before: set[str]) -> list[str]:
-    """Remove Fast DDS segments created since `before` that no live process uses
-    (what a SIGKILLed node leaves behind)."""
-    used = _mapped_shm_files()
+    """Remove Fast DDS files created since `before` that no live process uses
+    (what a SIGKILLed node leaves behind).
+
+    A file stays while any file of its family is in use: a port that a live participant
+    outside this cluster still holds needs its mutex to remove itself when that participant
+    lets go; without the mutex, Fast DDS leaves the port file behind for good."""
+    in_use = {shm_family(name) for name in _mapped_shm_files()}
     removed = []
     for name in sorted(fastdds_segments() - before):
-        base = name[4:] if name.startswith("sem.") else name
-        if name in used or base in used:
+        if shm_family(name) in in_use:
             continue
         try:
             os.unlink(f"/dev/shm/{name}")

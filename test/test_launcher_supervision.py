@@ -106,3 +106,28 @@ def test_with_the_coordinator_on_another_host_a_deaf_node_is_restarted_three_tim
     finally:
         codes = cluster.stop()
     assert codes == {"b": 0}, out.getvalue()
+
+
+def test_shm_cleanup_keeps_the_mutex_of_a_port_another_process_still_holds():
+    """Removing a held port's mutex made Fast DDS leave the port file behind for good once
+    its last holder let go (seen in CI after SIGTERM); the cleanup keeps a port's family."""
+    import mmap
+
+    from mdi_llm_ros.launcher import clean_fastdds_segments, fastdds_segments, shm_family
+    assert shm_family("sem.fastdds_port7003_mutex") == shm_family("fastdds_port7003_el") == "fastdds_port7003"
+    assert shm_family("fastdds_0f1e2d3c4b5a6978") == "fastdds_0f1e2d3c4b5a6978"
+    port = f"fastdds_port_test{os.getpid()}"
+    before = fastdds_segments()
+    for name in (port, f"sem.{port}_mutex", f"{port}_el"):
+        with open(f"/dev/shm/{name}", "wb") as f:
+            f.write(b"\0" * 4096)
+    held = open(f"/dev/shm/{port}", "r+b")
+    view = mmap.mmap(held.fileno(), 4096)
+    held.close()                                                  # mapped, not open: as a participant holds a port
+    try:
+        assert clean_fastdds_segments(before) == []
+        assert {port, f"sem.{port}_mutex", f"{port}_el"} <= fastdds_segments()
+    finally:
+        view.close()
+    assert sorted(clean_fastdds_segments(before)) == sorted([port, f"sem.{port}_mutex", f"{port}_el"])
+    assert not {port, f"sem.{port}_mutex", f"{port}_el"} & fastdds_segments()

@@ -311,8 +311,8 @@ def test_sigterm_answers_waiting_clients_and_leaves_nothing(ros_env, tmp_path, t
     assert "coordinator exit 0" in proc.output() and "a exit 0" in proc.output()
     left = subprocess.run(["pgrep", "-f", str(cfg)], capture_output=True, text=True).stdout.strip()
     assert left == "", left
-    from mdi_llm_ros.launcher import _mapped_shm_files
-    leaked = [s for s in fastdds_segments() - before
-              if s not in _mapped_shm_files() and s.removeprefix("sem.") not in _mapped_shm_files()]
+    from mdi_llm_ros.launcher import _mapped_shm_files, shm_family
+    in_use = {shm_family(s) for s in _mapped_shm_files()}
+    leaked = [s for s in fastdds_segments() - before if shm_family(s) not in in_use]
     assert not leaked, leaked
     proc.stop()
