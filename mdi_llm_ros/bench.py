@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from .core.plan import COORDINATOR
+from .core.plan import COORDINATOR, load_plan
 
 PROMPTS = ["The history of robotics begins with", "A warehouse robot moves boxes by",
            "The main parts of a drone are", "To navigate a building, a mobile robot"]
@@ -434,11 +434,7 @@ def run_ring(model: str, k: int, ns: list[int], tokens: int, *, pin: bool, threa
 
 def ring_weights(cfg_path: Path) -> dict[str, int]:
     """Parameter bytes each node of the config's plan holds (the coordinator: embedding, norm, head)."""
-    from .core.config import load_config
-    from .core.models import load_model_info, resolve_model_dir
-    from .core.plan import make_plan
-    cfg = load_config(str(cfg_path))
-    plan = make_plan(cfg, load_model_info(resolve_model_dir(cfg.model.name)))
+    _, plan, _ = load_plan(cfg_path)
     return {n.name: n.weight_bytes for n in plan.nodes}
 
 
@@ -553,6 +549,16 @@ def over_limit(ring: dict, name: str) -> float:
     return ring["peak_rss"][name] - ring["weights"].get(name, 0) - allowance
 
 
+def memory_split(ring: dict, name: str, floor: float) -> tuple[float, float, float, float]:
+    """A node's peak RSS as (weights, KV cache most held, runtime alone, rest), in bytes. The runtime
+    alone (`floor`) is a chunk process's, so a coordinator's and an unsplit ring's count as rest."""
+    peak = ring["peak_rss"][name]
+    weights = ring.get("weights", {}).get(name, 0)
+    kv = ring.get("kv_cache_peak", {}).get(name, 0)
+    runtime = floor if name != COORDINATOR and "weights" in ring else 0
+    return weights, kv, runtime, peak - weights - kv - runtime
+
+
 def memory_markdown(res: dict) -> list[str]:
     """Where each node's peak memory goes: weights (from the plan), the most KV cache its requests
     held at once (the node's own count), the runtime a chunk process has before loading anything
@@ -566,10 +572,9 @@ def memory_markdown(res: dict) -> list[str]:
     for ring in rings:
         where = "" if ring.get("network", "localhost") == "localhost" else f" ({ring['network']})"
         for name, peak in ring["peak_rss"].items():
-            weights = ring["weights"].get(name, 0)
+            weights, kv, runtime, rest = memory_split(ring, name, floor or 0)
             over = over_limit(ring, name)
-            kv = ring["kv_cache_peak"].get(name, 0)
-            parts = (f"{kv / 1e6:.0f} | {floor / 1e6:.0f} | {(peak - weights - kv - floor) / 1e6:.0f}"
+            parts = (f"{kv / 1e6:.0f} | {runtime / 1e6:.0f} | {rest / 1e6:.0f}"
                      if name != COORDINATOR and floor else "- | - | -")
             lines.append(f"| {_ring_label(ring)}{where} | {name} | {peak / 1e6:.0f} | {weights / 1e6:.0f} | {parts} | "
                          f"{(peak - over) / 1e6:.0f} | {'yes' if over <= 0 else f'NO (+{over / 1e6:.0f})'} |")
@@ -664,14 +669,11 @@ def plot(res: dict, path: Path) -> None:
             stacks.append((0, 0, 0, b["peak_rss"] / 1e6))
     floor = res.get("runtime_floor") or 0
     for ring in res["rings"]:
-        for name, v in ring["peak_rss"].items():
+        for name in ring["peak_rss"]:
             where = "" if ring.get("network", "localhost") == "localhost" else " ns"
             packed = "p" if ring.get("kernels", "exact") == "packed" else ""
             labels.append(f"K{ring['k']}{packed}{where} {name.replace('chunk_', 'c')}")
-            weights = ring.get("weights", {}).get(name, 0)
-            kv = ring.get("kv_cache_peak", {}).get(name, 0)
-            runtime = floor if name != COORDINATOR and weights else 0
-            stacks.append(tuple(x / 1e6 for x in (weights, kv, runtime, v - weights - kv - runtime)))
+            stacks.append(tuple(x / 1e6 for x in memory_split(ring, name, floor)))
     bottom = [0.0] * len(stacks)
     for i, part in enumerate(("weights", "KV cache (most held)", "chunk runtime alone", "rest")):
         heights = [st[i] for st in stacks]

@@ -17,9 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .core.config import ClusterConfig, load_config
-from .core.models import load_model_info, resolve_model_dir
-from .core.plan import COORDINATOR_JOINED, COORDINATOR_SILENT, make_plan
+from .core.config import ClusterConfig
+from .core.plan import COORDINATOR_JOINED, COORDINATOR_SILENT, load_plan
 
 EXECUTABLES = {"coordinator": "coordinator_node", "chunk": "chunk_node"}
 MAX_DEAF_RESTARTS = 3   # in a row, for a respawned chunk node whose coordinator runs on another host
@@ -49,8 +48,7 @@ def node_specs(config_file: str | os.PathLike, host: str | None = None) -> list[
     Each carries the environment the config's discovery settings mean, so every
     device started from the same file joins the same domain the same way."""
     config_file = str(Path(config_file).resolve())
-    cfg = load_config(config_file)
-    plan = make_plan(cfg, load_model_info(resolve_model_dir(cfg.model.name)))
+    cfg, plan, _ = load_plan(config_file)
     specs = []
     for n in plan.nodes_on_host(host):
         params = {"config_file": config_file}
@@ -101,18 +99,21 @@ def shm_family(name: str) -> str:
     return base
 
 
-def clean_fastdds_segments(before: set[str]) -> list[str]:
-    """Remove Fast DDS files created since `before` that no live process uses
-    (what a SIGKILLed node leaves behind).
+def stale_fastdds_segments(before: set[str]) -> list[str]:
+    """Fast DDS files created since `before` that no live process uses (what a SIGKILLed node
+    leaves behind).
 
-    A file stays while any file of its family is in use: a port that a live participant
+    A file counts as used while any file of its family is: a port that a live participant
     outside this cluster still holds needs its mutex to remove itself when that participant
     lets go; without the mutex, Fast DDS leaves the port file behind for good."""
     in_use = {shm_family(name) for name in _mapped_shm_files()}
+    return sorted(name for name in fastdds_segments() - before if shm_family(name) not in in_use)
+
+
+def clean_fastdds_segments(before: set[str]) -> list[str]:
+    """Remove the stale Fast DDS files (see stale_fastdds_segments); returns their names."""
     removed = []
-    for name in sorted(fastdds_segments() - before):
-        if shm_family(name) in in_use:
-            continue
+    for name in stale_fastdds_segments(before):
         try:
             os.unlink(f"/dev/shm/{name}")
             removed.append(name)

@@ -292,7 +292,7 @@ def test_soak_accounting_and_memory(ros_env, tmp_path, tiny_dir):
 
 def test_sigterm_answers_waiting_clients_and_leaves_nothing(ros_env, tmp_path, tiny_dir, ros_node):
     from mdi_llm_ros.client import GenerateClient
-    from mdi_llm_ros.launcher import fastdds_segments
+    from mdi_llm_ros.launcher import fastdds_segments, stale_fastdds_segments
     before = fastdds_segments()
     cfg = write_config(tmp_path / "c.yaml", tiny_dir, [{"name": "a"}, {"name": "b"}])
     proc = start(ros_env, tmp_path, cfg)
@@ -311,8 +311,6 @@ def test_sigterm_answers_waiting_clients_and_leaves_nothing(ros_env, tmp_path, t
     assert "coordinator exit 0" in proc.output() and "a exit 0" in proc.output()
     left = subprocess.run(["pgrep", "-f", str(cfg)], capture_output=True, text=True).stdout.strip()
     assert left == "", left
-    from mdi_llm_ros.launcher import _mapped_shm_files, shm_family
-    in_use = {shm_family(s) for s in _mapped_shm_files()}
-    leaked = [s for s in fastdds_segments() - before if shm_family(s) not in in_use]
+    leaked = stale_fastdds_segments(before)
     assert not leaked, leaked
     proc.stop()

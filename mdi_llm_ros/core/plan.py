@@ -6,6 +6,7 @@ topics connect them into a ring.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 
 from .config import ClusterConfig
@@ -249,6 +250,15 @@ def make_plan(config: ClusterConfig, info) -> ClusterPlan:
                 "or add a device")
     return ClusterPlan(config=config, model_path=str(info.path), num_layers=L, dtype=config.model.dtype,
                        max_context=max_context, nodes=tuple(nodes))
+
+
+def load_plan(config_file: str | os.PathLike) -> tuple[ClusterConfig, ClusterPlan, object]:
+    """Config file -> (config, plan, model info): what every node, the launcher and the bench start from."""
+    from .config import load_config
+    from .models import load_model_info, resolve_model_dir   # imports torch: only where a plan is made
+    cfg = load_config(str(config_file))
+    info = load_model_info(resolve_model_dir(cfg.model.name))
+    return cfg, make_plan(cfg, info), info
 
 
 def format_plan(plan: ClusterPlan) -> str:

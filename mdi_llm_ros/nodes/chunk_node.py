@@ -21,9 +21,9 @@ from rclpy.node import Node
 from mdi_llm_ros.msg import ActivationBatch, NodeStatus
 
 from ..core.chunk import ChunkExecutor
-from ..core.plan import COORDINATOR_JOINED, COORDINATOR_SILENT, DTYPE_BYTES, status_topic
+from ..core.plan import COORDINATOR_JOINED, COORDINATOR_SILENT, DTYPE_BYTES, load_plan, status_topic
 from ..core.ring import ChunkHandler, take_ring_work
-from .common import (RING_QOS, STATUS_QOS, from_batch_msgs, load_plan, make_status, run_node, set_threads,
+from .common import (RING_QOS, STATUS_QOS, from_batch_msgs, make_status, run_node, set_threads,
                      to_batch_msg)
 
 LINK_SETTLE_S = 0.3   # both sides of a new DDS match learn of it at about, not exactly, the same time

@@ -24,9 +24,7 @@ from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPo
 
 from mdi_llm_ros.msg import Activation, ActivationBatch, NodeStatus
 
-from ..core.config import ClusterConfig, load_config
-from ..core.models import ModelError, load_model_info, resolve_model_dir
-from ..core.plan import ClusterPlan, make_plan
+from ..core.models import ModelError
 from ..core.ring import HopMessage
 from ..spin import spin_resilient
 
@@ -106,12 +104,6 @@ def make_status(node, *, name: str, cluster: str, role: str, host: str, device: 
     s.drop_counts = [int(v) for v in drops.values()]
     s.missing_nodes = list(missing)
     return s
-
-
-def load_plan(config_file: str) -> tuple[ClusterConfig, ClusterPlan, object]:
-    cfg = load_config(config_file)
-    info = load_model_info(resolve_model_dir(cfg.model.name))
-    return cfg, make_plan(cfg, info), info
 
 
 def set_threads(threads: int | None) -> None:

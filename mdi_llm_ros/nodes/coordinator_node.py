@@ -29,9 +29,9 @@ from mdi_llm_ros.srv import Generate
 
 from ..core.engine import CoordinatorModel, GenerateParams
 from ..core.errors import ErrorCode, RequestError
-from ..core.plan import service_name, status_topic
+from ..core.plan import load_plan, service_name, status_topic
 from ..core.scheduler import GenerationResult, RingScheduler
-from .common import (RING_QOS, STATUS_QOS, from_batch_msgs, load_plan, make_status, run_node, set_threads,
+from .common import (RING_QOS, STATUS_QOS, from_batch_msgs, make_status, run_node, set_threads,
                      spin_quietly, to_batch_msg)
 
 MISSING_REPORT_HEARTBEATS = 10   # while chunk nodes stay missing, say why every 10 heartbeat timeouts
