@@ -165,7 +165,7 @@ def drive_main(argv: list[str]) -> int:
     spin = BackgroundSpin(node)
     try:
         watch = StatusWatch(node, cfg.namespace)
-        clients = [GenerateClient(node, cfg.namespace) for _ in range(n)]
+        clients = [GenerateClient(node, cfg.namespace, cfg.key()) for _ in range(n)]
         if not clients[0].wait_for_service(120):
             raise RuntimeError("the ring's /generate did not appear within 120 s")
         ready = clients[0].wait_until_ready(120)
@@ -232,7 +232,7 @@ def drive_long(spec: dict) -> int:
     node = rclpy.create_node(f"mdi_bench_long_{os.getpid()}")
     spin = BackgroundSpin(node)
     try:
-        client, streamer = GenerateClient(node, cfg.namespace), GenerateClient(node, cfg.namespace)
+        client, streamer = GenerateClient(node, cfg.namespace, cfg.key()), GenerateClient(node, cfg.namespace, cfg.key())
         if not client.wait_for_service(120) or not client.wait_until_ready(120).success:
             raise RuntimeError("the ring is not ready after 120 s")
         client.generate(LONG_PROMPT, max_new_tokens=2, timeout_s=600)            # warm-up

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import sys
 from pathlib import Path
 
@@ -29,28 +28,21 @@ def _plan(cfg: ClusterConfig):
     return make_plan(cfg, info), info
 
 
-def _finite(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-    return value
-
-
 def add_generation_args(p: argparse.ArgumentParser) -> None:
     """Options shared by `generate --local` and the ROS client (same contract)."""
     p.add_argument("prompt", help="text to continue (raw unless --chat)")
     p.add_argument("--config", help="cluster config YAML (default: config/cluster.yaml)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate at most")
-    p.add_argument("--temperature", type=_finite, default=None, help="0 = greedy (default from config)")
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default from config)")
     p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens; 0 = off")
-    p.add_argument("--top-p", type=_finite, default=None, help="nucleus mass in (0, 1]; 1 = off")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus mass in (0, 1]; 1 = off")
     p.add_argument("--seed", type=int, default=-1, help="sampler seed; -1 = random")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
 
 
 def generation_params(args, cfg: ClusterConfig):
-    from .core.engine import GenerateParams
+    from .core.request import GenerateParams
     d = cfg.coordinator.defaults
     return GenerateParams(
         prompt=args.prompt, use_chat_template=args.chat,
@@ -59,11 +51,6 @@ def generation_params(args, cfg: ClusterConfig):
         top_k=d.top_k if args.top_k is None else args.top_k,
         top_p=d.top_p if args.top_p is None else args.top_p,
         seed=args.seed, stop=tuple(args.stop))
-
-
-def print_stats(result, file=sys.stderr) -> None:
-    print(f"[{result.finish_reason}] {result.prompt_tokens} prompt + {result.generated_tokens} generated tokens, "
-          f"first token {result.time_to_first_token:.2f} s, {result.tokens_per_second:.1f} tokens/s", file=file)
 
 
 # --- subcommands ------------------------------------------------------------------------
@@ -99,8 +86,10 @@ def cmd_model(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    from .core.request import validate_params
     cfg = _load(args)
     params = generation_params(args, cfg)
+    validate_params(params)            # what the wire cannot carry fails here, as CODE: message
     if args.local:
         return _generate_local(cfg, params, args)
     from .client import run_cli_client
@@ -108,8 +97,8 @@ def cmd_generate(args) -> int:
 
 
 def _generate_local(cfg: ClusterConfig, params, args) -> int:
-    from .core.engine import validate_params
     from .core.local import LocalRing
+    from .core.request import validate_params
     plan, info = _plan(cfg)
     validate_params(params, plan.max_context)          # fail before loading weights
     print(f"[local] loading a ring of {len(plan.chunks)} chunks in-process ...", file=sys.stderr)
@@ -121,8 +110,11 @@ def _generate_local(cfg: ClusterConfig, params, args) -> int:
 
     result = ring.generate(params, on_piece)
     sys.stdout.write("\n")
-    print_stats(result)
-    return 0 if result.success else 1
+    if not result.success:
+        _err(f"{result.error_code}: {result.error_message}")
+        return 1
+    print(result.summary(), file=sys.stderr)
+    return 0
 
 
 def cmd_cluster(args) -> int:
@@ -152,6 +144,14 @@ def cmd_bench(args) -> int:
                     kernels=args.kernels.split(",") if args.kernels else None, long_prompt=args.long_prompt)
     ok = all(s["ok"] for ring in res["rings"] for s in ring["scenarios"])
     return 0 if ok else 1
+
+
+def cmd_secret(args) -> int:
+    from .core.auth import new_key_file
+    path = new_key_file(args.file, force=args.force)
+    print(f"wrote a new key to {path} (mode 0600). Set `cluster.secret_file: {path}` in the config, and copy the "
+          "file to every device and to every client that may call the cluster", file=sys.stderr)
+    return 0
 
 
 def cmd_netlab(args) -> int:
@@ -224,6 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "unshaped and rate-limited to --rate")
     p.add_argument("--rate", default="20mbit", help="link rate limit for --netlab (tbf; default 20mbit)")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("secret", help="the team's key for the authenticated mode (cluster.secret_file)")
+    ssub = p.add_subparsers(dest="action", required=True)
+    sp = ssub.add_parser("new", help="write a new random key, readable by its owner only")
+    sp.add_argument("file")
+    sp.add_argument("--force", action="store_true", help="replace an existing file")
+    p.set_defaults(func=cmd_secret)
 
     p = sub.add_parser("netlab", help="emulated devices: network namespaces on a bridge, optional rate limit")
     p.add_argument("--name", default="mdilab", help="lab name (namespace prefix; default mdilab)")

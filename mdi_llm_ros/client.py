@@ -24,30 +24,23 @@ from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from mdi_llm_ros.action import Generate as GenerateAction
 from mdi_llm_ros.srv import Generate
 
-from .core.engine import GenerateParams
-from .core.errors import ErrorCode
+from .convert import fill_request, result_from
+from .core.errors import ErrorCode, RequestError
 from .core.plan import service_name
-from .core.scheduler import GenerationResult
+from .core.request import GenerateParams, GenerationResult, validate_params
+from .signing import is_sealed, seal_request
 from .spin import spin_resilient
 
 
-def fill_request(req, p: GenerateParams):
-    req.prompt = p.prompt
-    req.use_chat_template = p.use_chat_template
-    req.max_new_tokens = int(p.max_new_tokens)
-    req.temperature = float(p.temperature)
-    req.top_k = int(p.top_k)
-    req.top_p = float(p.top_p)
-    req.seed = int(p.seed)
-    req.stop = list(p.stop)
-    return req
-
-
-def to_result(r) -> GenerationResult:
-    return GenerationResult(success=r.success, error_code=r.error_code, error_message=r.error_message,
-                            text=r.text, prompt_tokens=r.prompt_tokens, generated_tokens=r.generated_tokens,
-                            finish_reason=r.finish_reason, time_to_first_token=r.time_to_first_token,
-                            tokens_per_second=r.tokens_per_second)
+def _params(prompt: str | GenerateParams, kwargs: dict) -> GenerateParams | GenerationResult:
+    """The request to send, checked against the contract's limits first: a value the message
+    cannot carry is refused here with the coordinator's code, never wrapped around or cut."""
+    try:
+        params = prompt if isinstance(prompt, GenerateParams) else GenerateParams(prompt=prompt, **kwargs)
+        validate_params(params)
+    except RequestError as exc:
+        return GenerationResult.failure(exc.code, exc.message)
+    return params
 
 
 REPLY_DEPTH = 100
@@ -67,8 +60,11 @@ class StreamPiece:
 class GenerateClient:
     """Blocking helpers around the coordinator's service and action."""
 
-    def __init__(self, node: Node, namespace: str = "") -> None:
+    def __init__(self, node: Node, namespace: str = "", key: bytes | None = None) -> None:
+        """`key`: the team's key (core.auth.load_key, or ClusterConfig.key()) where the cluster runs
+        with cluster.secret_file; requests are then sealed and only sealed answers are believed."""
         self.node = node
+        self.key = key
         self.service = service_name(namespace, "generate")
         self.action = service_name(namespace, "generate_stream")
         # Deep reply queues: every client's reader also sees the replies to other callers of the
@@ -81,6 +77,14 @@ class GenerateClient:
         self._act: ActionClient | None = None
         self._settled_at: float | None = None
         self._action_settled_at = 0.0
+
+    def _believed(self, answer, nonce: int) -> GenerationResult:
+        """The result an answer carries; with a key, only if the cluster sealed it for this request."""
+        if self.key and not is_sealed(answer, self.key, nonce):
+            return GenerationResult.failure(
+                ErrorCode.UNAUTHORIZED, "the answer is not sealed with this client's key: the cluster runs without "
+                "cluster.secret_file or with another key, or someone else answered; use the cluster's key file")
+        return result_from(answer)
 
     def _action(self) -> ActionClient:
         if self._act is None:
@@ -124,17 +128,21 @@ class GenerateClient:
 
     def generate(self, prompt: str | GenerateParams, timeout_s: float = 300.0, **kwargs) -> GenerationResult:
         """Call /generate; never waits longer than timeout_s."""
-        params = prompt if isinstance(prompt, GenerateParams) else GenerateParams(prompt=prompt, **kwargs)
+        params = _params(prompt, kwargs)
+        if isinstance(params, GenerationResult):
+            return params
         # A request sent before this client has matched the service's endpoints is lost
         # (DDS delivers nothing to readers it has not discovered yet): wait for them first.
         if not self._srv.wait_for_service(timeout_sec=min(timeout_s, 30.0)):
             return GenerationResult.failure(ErrorCode.NOT_READY, f"no {self.service} on this ROS domain; is the cluster running?")
         self.settle()
-        future = self._srv.call_async(fill_request(Generate.Request(), params))
+        request = fill_request(Generate.Request(), params)
+        nonce = seal_request(request, self.key) if self.key else 0
+        future = self._srv.call_async(request)
         if not _wait_future(future, timeout_s):
             self._srv.remove_pending_request(future)
             return GenerationResult.failure(ErrorCode.TIMEOUT, f"no answer from {self.service} within {timeout_s:.0f} s")
-        return to_result(future.result())
+        return self._believed(future.result(), nonce)
 
     def stream(self, prompt: str | GenerateParams, timeout_s: float = 300.0, cancel_after: int | None = None,
                **kwargs) -> Iterator[StreamPiece | GenerationResult]:
@@ -142,14 +150,21 @@ class GenerateClient:
 
         `cancel_after=n` cancels the goal once n pieces have arrived (tests, demos).
         """
-        params = prompt if isinstance(prompt, GenerateParams) else GenerateParams(prompt=prompt, **kwargs)
+        params = _params(prompt, kwargs)
+        if isinstance(params, GenerationResult):
+            yield params
+            return
         goal = fill_request(GenerateAction.Goal(), params)
+        nonce = seal_request(goal, self.key) if self.key else 0
         pieces: list[StreamPiece] = []
         arrived = threading.Condition()
 
         def on_feedback(fb) -> None:
+            f = fb.feedback
+            if self.key and (not is_sealed(f, self.key, nonce) or (pieces and f.token_count <= pieces[-1].token_count)):
+                return                           # not the cluster's, or a replayed piece
             with arrived:
-                pieces.append(StreamPiece(fb.feedback.text, fb.feedback.token_id, fb.feedback.token_count))
+                pieces.append(StreamPiece(f.text, f.token_id, f.token_count))
                 arrived.notify_all()
 
         deadline = time.monotonic() + timeout_s
@@ -189,7 +204,7 @@ class GenerateClient:
         with arrived:
             for piece in pieces[given:]:
                 yield piece
-        yield to_result(result_future.result().result)
+        yield self._believed(result_future.result().result, nonce)
 
 
 class BackgroundSpin:
@@ -230,14 +245,13 @@ def run_cli_client(cfg, params: GenerateParams, *, stream: bool, wait_s: float) 
     """`mdi-llm generate` over ROS: only the continuation on stdout, errors on stderr."""
     import rclpy
 
-    from .cli import print_stats
     from .core.config import apply_discovery_env
     apply_discovery_env(cfg)             # same domain / discovery / transport as the cluster
     rclpy.init()
     node = rclpy.create_node(f"mdi_generate_client_{int(time.time() * 1000) % 10**9}")
     spin = BackgroundSpin(node)
     try:
-        client = GenerateClient(node, cfg.namespace)
+        client = GenerateClient(node, cfg.namespace, cfg.key())
         ready = client.wait_for_action(wait_s) if stream else client.wait_for_service(wait_s)
         if not ready:
             print(f"mdi-llm: error: NOT_READY: no {client.action if stream else client.service} on this "
@@ -261,7 +275,7 @@ def run_cli_client(cfg, params: GenerateParams, *, stream: bool, wait_s: float) 
             print(f"mdi-llm: error: {result.error_code}: {result.error_message}", file=sys.stderr)
             return 1
         sys.stdout.write("\n")
-        print_stats(result)
+        print(result.summary(), file=sys.stderr)
         return 0
     finally:
         spin.close()

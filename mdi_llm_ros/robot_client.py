@@ -20,9 +20,10 @@ from .core.config import apply_discovery_env, load_config
 from .core.errors import ConfigError, ErrorCode
 
 
-def ask(node, prompt: str, namespace: str = "", ready_timeout_s: float = 120.0, **kwargs):
+def ask(node, prompt: str, namespace: str = "", ready_timeout_s: float = 120.0, key: bytes | None = None,
+        **kwargs):
     """Call /generate once the cluster is ready (nodes loaded, ring complete)."""
-    client = GenerateClient(node, namespace)
+    client = GenerateClient(node, namespace, key)
     if not client.wait_for_service(ready_timeout_s):
         raise TimeoutError(f"no {client.service} within {ready_timeout_s:.0f} s")
     ready = client.wait_until_ready(ready_timeout_s)
@@ -45,9 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
     args = p.parse_args(argv)
     namespace = args.namespace or ""
+    key = None
     if args.config:
         try:
             cfg = load_config(args.config)
+            key = cfg.key()
         except ConfigError as exc:
             print(f"{args.name}: {exc}", file=sys.stderr)
             return 2
@@ -58,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     spin = BackgroundSpin(node)
     try:
         t0 = time.monotonic()
-        result = ask(node, args.prompt, namespace, use_chat_template=args.chat,
+        result = ask(node, args.prompt, namespace, key=key, use_chat_template=args.chat,
                      max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
         wall = time.monotonic() - t0
         if args.json:

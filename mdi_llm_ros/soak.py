@@ -50,7 +50,11 @@ class StatusWatch:
 
         from .nodes.common import STATUS_QOS
         self.latest: dict = {}
-        node.create_subscription(NodeStatus, status_topic(namespace), self._on, STATUS_QOS)
+        self._node = node
+        self._sub = node.create_subscription(NodeStatus, status_topic(namespace), self._on, STATUS_QOS)
+
+    def close(self) -> None:
+        self._node.destroy_subscription(self._sub)
 
     def _on(self, s) -> None:
         self.latest[s.name] = s
@@ -109,7 +113,8 @@ def _client_loop(idx: int, client: GenerateClient, deadline: float, report: Soak
             report.answered[answered] += 1
 
 
-def run_soak(namespace: str, *, duration_s: float, clients: int, warmup_s: float = 8.0) -> SoakReport:
+def run_soak(namespace: str, *, duration_s: float, clients: int, warmup_s: float = 8.0,
+             key: bytes | None = None) -> SoakReport:
     """Drive an already running cluster; returns the report (see module doc)."""
     rclpy.init()
     node = rclpy.create_node(f"mdi_soak_{int(time.time()) % 100000}")
@@ -117,7 +122,7 @@ def run_soak(namespace: str, *, duration_s: float, clients: int, warmup_s: float
     report = SoakReport()
     try:
         watch = StatusWatch(node, namespace)
-        clients_ = [GenerateClient(node, namespace) for _ in range(clients)]
+        clients_ = [GenerateClient(node, namespace, key) for _ in range(clients)]
         if not clients_[0].wait_for_service(120):
             report.problems.append("no /generate service")
             return report
@@ -189,7 +194,7 @@ def soak_cluster(cfg: ClusterConfig, *, duration_s: float, clients: int) -> int:
     try:
         print(f"[soak] {clients} clients for {duration_s:.0f} s against {cfg.source} ...", file=sys.stderr)
         apply_discovery_env(cfg)
-        report = run_soak(cfg.namespace, duration_s=duration_s, clients=clients)
+        report = run_soak(cfg.namespace, duration_s=duration_s, clients=clients, key=cfg.key())
     finally:
         codes = cluster.stop()
     print(format_report(report))

@@ -1,6 +1,7 @@
 """Shared fixtures: models (tiny random and the real SmolLM2), ROS isolation, node processes."""
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import shutil
@@ -59,30 +60,71 @@ def tiny_dir(tiny_dirs) -> Path:
     return tiny_dirs["llama"]
 
 
-@pytest.fixture
-def ros_env(tmp_path, monkeypatch) -> dict[str, str]:
-    """An isolated ROS environment: own domain id, localhost discovery, own log dir."""
+def _isolated_env(log_dir: Path, monkeypatch) -> dict[str, str]:
     env = dict(os.environ)
     env.update(ROS_DOMAIN_ID=str(next(_domains) % 100 + 1), ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST",
-               ROS_LOG_DIR=str(tmp_path / "roslog"), PYTHONUNBUFFERED="1")
+               ROS_LOG_DIR=str(log_dir), PYTHONUNBUFFERED="1")
     for k in ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE", "ROS_LOG_DIR"):
         monkeypatch.setenv(k, env[k])
     return env
 
 
-@pytest.fixture
-def ros_node(ros_env):
-    """An rclpy node in its own context, spun in a background thread."""
+@contextlib.contextmanager
+def _spun_node(name: str):
     import rclpy
 
     from mdi_llm_ros.client import BackgroundSpin
     context = rclpy.Context()
     rclpy.init(context=context)
-    node = rclpy.create_node("test_client", context=context)
+    node = rclpy.create_node(name, context=context)
     spin = BackgroundSpin(node)
-    yield node
-    spin.close()
-    rclpy.shutdown(context=context)
+    try:
+        yield node
+    finally:
+        spin.close()
+        rclpy.shutdown(context=context)
+
+
+@pytest.fixture
+def ros_env(tmp_path, monkeypatch) -> dict[str, str]:
+    """An isolated ROS environment: own domain id, localhost discovery, own log dir."""
+    return _isolated_env(tmp_path / "roslog", monkeypatch)
+
+
+@pytest.fixture
+def ros_node(ros_env):
+    """An rclpy node in its own context, spun in a background thread."""
+    with _spun_node("test_client") as node:
+        yield node
+
+
+@pytest.fixture(scope="module")
+def module_ros_env(tmp_path_factory) -> dict[str, str]:
+    """ros_env for a module's tests that share one cluster."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        yield _isolated_env(tmp_path_factory.mktemp("roslog"), monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def module_ros_node(module_ros_env):
+    with _spun_node("test_module_client") as node:
+        yield node
+
+
+def wait_ring_ready(node, timeout: float, namespace: str = "") -> bool:
+    """Wait until the coordinator's heartbeat says the ring is complete (every chunk node joined)."""
+    from mdi_llm_ros.soak import StatusWatch
+    watch = StatusWatch(node, namespace)
+    try:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            coordinator = watch.latest.get("coordinator")
+            if coordinator is not None and coordinator.ready:
+                return True
+            time.sleep(0.1)
+        return False
+    finally:
+        watch.close()
 
 
 def hf_greedy_text(model_dir, prompt: str, chat: bool, n: int) -> tuple[str, int]:

@@ -68,12 +68,23 @@ def test_generate_local_prints_only_the_continuation(tmp_path, tiny_dir):
 
 @pytest.mark.parametrize("args,needle", [
     (["--temperature", "-1"], "INVALID_TEMPERATURE"),
-    (["--temperature", "nan"], "not a finite number"),
+    (["--temperature", "nan"], "INVALID_TEMPERATURE: temperature must be a finite number"),
+    (["--temperature", "1e39"], "INVALID_TEMPERATURE: temperature must be a finite number"),
     (["--top-p", "1.5"], "INVALID_TOP_P"),
     (["--max-new-tokens", "0"], "INVALID_MAX_NEW_TOKENS"),
+    (["--max-new-tokens", "-1"], "INVALID_MAX_NEW_TOKENS: max_new_tokens must be in 1..4294967295, got -1"),
+    (["--max-new-tokens", str(2**32 + 4)], "INVALID_MAX_NEW_TOKENS: max_new_tokens must be in 1..4294967295, "
+                                         "got 4294967300"),
+    (["--seed", "18446744073709551616"], "INVALID_SEED: seed must be >= 0"),
+    (["--top-k", str(2**64 + 3)], "INVALID_TOP_K: top_k must be in 0..2147483647"),
+    (["--stop", "a\tb", "--stop", ""], "INVALID_STOP"),
     (["--top-k", "x"], "invalid int value"),
 ])
-def test_generate_local_rejects_bad_arguments(tmp_path, tiny_dir, args, needle):
+@pytest.mark.parametrize("local", [True, False])
+def test_generate_rejects_bad_arguments(tmp_path, tiny_dir, args, needle, local):
+    """Both the in-process ring and the ROS client refuse what the wire cannot carry before
+    anything is loaded or sent: exit 1 (argparse's own errors 2), `CODE: message`, no traceback."""
     cfg = write_config(tmp_path / "c.yaml", tiny_dir, [{"name": "a"}])
-    r = run(["generate", "--local", "--config", str(cfg), *args, "hello"])
-    assert r.returncode != 0 and needle in r.stderr and r.stdout == ""
+    r = run(["generate", *(["--local"] if local else ["--wait", "1"]), "--config", str(cfg), *args, "hello"])
+    assert r.returncode == (2 if "invalid int" in needle else 1), r.stderr
+    assert needle in r.stderr and r.stdout == "" and "Traceback" not in r.stderr, r.stderr

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 
 from mdi_llm_ros.core.chunk import ChunkExecutor
 from mdi_llm_ros.core.config import parse_config
-from mdi_llm_ros.core.engine import GenerateParams
+from mdi_llm_ros.core.request import GenerateParams
 from mdi_llm_ros.core.errors import ErrorCode, RequestError
 from mdi_llm_ros.core.local import LocalRing
 from mdi_llm_ros.core.models import TensorReader, load_model_info
@@ -220,10 +220,36 @@ def test_cache_limit_and_idle_eviction(tiny_dir):
     for rid in (1, 2):
         ex.forward(rid, 0, 0, torch.randn(1, 3, 64))
     from mdi_llm_ros.core.errors import ActivationRejected
+    assert ex.note_coordinator([1, 2], 3) == []          # both in flight: nothing to free
     with pytest.raises(ActivationRejected, match="max_cached_requests"):
         ex.forward(3, 0, 0, torch.randn(1, 3, 64))
     import time
     assert ex.evict_idle(time.monotonic() + 11) == [1, 2] and ex.num_cached == 0
+
+
+def test_caches_the_coordinator_does_not_serve_never_lock_out_its_requests(tiny_dir):
+    """Forged prefills (ids the coordinator never gave) fill every cache place; real requests still
+    get theirs, and a cache the coordinator has in flight is never the one evicted."""
+    info = load_model_info(tiny_dir)
+    ex = ChunkExecutor(info, 0, 1, max_cached_requests=4, plausible_ids=100)
+    ex.forward(1, 0, 0, torch.randn(1, 3, 64))
+    ex.note_coordinator([1], 2)                           # request 1 in flight, the next one gets id 2
+    for forged in range(10**6, 10**6 + 3):
+        ex.forward(forged, 0, 0, torch.randn(1, 3, 64))
+    for rid in (2, 3, 4, 5):                              # four new real requests, before any heartbeat
+        ex.forward(rid, 0, 0, torch.randn(1, 3, 64))
+    assert set(ex.caches) == {1, 2, 3, 4} or set(ex.caches) == {1, 3, 4, 5}
+    assert 1 in ex.caches and not any(r >= 10**6 for r in ex.caches) and ex.stats.evictions == 4
+    # a heartbeat: 1 and 5 in flight, ids below 6 given out; finished ones are freed at once
+    ex.note_coordinator([1, 5], 6)
+    assert set(ex.caches) == {1, 5}
+    # order of eviction: finished ids, then ids far past the next one, then the least recently used
+    for rid in (7, 10**6):
+        ex.forward(rid, 0, 0, torch.randn(1, 3, 64))
+    ex.forward(6, 0, 0, torch.randn(1, 3, 64))            # full: {1, 5, 7, 10**6} -> 10**6 goes
+    assert set(ex.caches) == {1, 5, 6, 7}
+    ex.forward(8, 0, 0, torch.randn(1, 3, 64))            # full again: 7 is the least recently used
+    assert set(ex.caches) == {1, 5, 6, 8}
 
 
 def test_micro_batched_decode_matches_one_by_one(tiny_dir):

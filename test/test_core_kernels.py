@@ -9,7 +9,7 @@ from torch import nn
 
 from mdi_llm_ros.core.chunk import ChunkExecutor
 from mdi_llm_ros.core.config import parse_config
-from mdi_llm_ros.core.engine import CoordinatorModel
+from mdi_llm_ros.core.coordinator_model import CoordinatorModel
 from mdi_llm_ros.core.errors import ActivationRejected, ConfigError
 from mdi_llm_ros.core.kernels import PackedHead, PackedLinear, packed_unsupported
 from mdi_llm_ros.core.models import ModelError, TensorReader, load_model_info
@@ -124,7 +124,7 @@ def test_packed_coordinator_does_not_hold_the_plain_head(smol_dir):
     of plain rows more than exact (it held the whole plain head next to the packed one)."""
     code = ("import sys; from pathlib import Path\n"
             "from mdi_llm_ros.core.models import load_model_info\n"
-            "from mdi_llm_ros.core.engine import CoordinatorModel\n"
+            "from mdi_llm_ros.core.coordinator_model import CoordinatorModel\n"
             f"m = CoordinatorModel(load_model_info(Path({str(smol_dir)!r})), kernels=sys.argv[1])\n"
             "print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])\n")
     peak = {k: int(subprocess.run([sys.executable, "-c", code, k], capture_output=True, text=True, check=True,

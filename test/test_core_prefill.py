@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 from conftest import make_tiny_model
 from mdi_llm_ros.core.chunk import ChunkExecutor
 from mdi_llm_ros.core.config import ConfigError, parse_config
-from mdi_llm_ros.core.engine import GenerateParams
+from mdi_llm_ros.core.request import GenerateParams
 from mdi_llm_ros.core.errors import ActivationRejected
 from mdi_llm_ros.core.local import LocalRing
 from mdi_llm_ros.core.models import load_model_info
@@ -206,9 +206,9 @@ def test_replay_in_pieces_ignores_an_output_from_before_it(tiny_dir):
     ring.handlers[1].executor.release_all()        # chunk b restarted: its caches are gone
     assert sched.replay_inflight() == 1
     assert len(ring._queue) == 2                   # two pieces out (one per chunk), more to follow
-    stale = sched.stale_outputs
+    stale = sched.drops["stale_output"]
     sched.on_ring_outputs(held)                    # the decode output computed before the restart
-    assert sched.stale_outputs == stale + 1 and len(ring._queue) == 2
+    assert sched.drops["stale_output"] == stale + 1 and len(ring._queue) == 2
     result = ring.run([handle])[0]
     assert result.success and result.token_ids == ring_for(tiny_dir, chunks).generate(params).token_ids
 

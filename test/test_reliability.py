@@ -30,7 +30,7 @@ def start(ros_env, tmp_path, cfg, *args, name="cluster", ready=True):
 def reference(tiny_dir, prompt, n):
     """What an uninterrupted in-process ring of the same model generates (greedy)."""
     from mdi_llm_ros.core.config import parse_config
-    from mdi_llm_ros.core.engine import GenerateParams
+    from mdi_llm_ros.core.request import GenerateParams
     from mdi_llm_ros.core.local import LocalRing
     from mdi_llm_ros.core.models import load_model_info
     from mdi_llm_ros.core.plan import make_plan

@@ -4,7 +4,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from mdi_llm_ros.core.config import parse_config
-from mdi_llm_ros.core.engine import GenerateParams
+from mdi_llm_ros.core.request import GenerateParams
 from mdi_llm_ros.core.local import LocalRing
 from mdi_llm_ros.core.models import MARKER, load_model_info, prepare_model
 from mdi_llm_ros.core.plan import make_plan

@@ -29,6 +29,7 @@ class ChunkStats:
     decode_tokens: int = 0
     bytes_received: int = 0
     busy_seconds: float = 0.0
+    evictions: int = 0                # caches freed that the coordinator did not have in flight
     drops: dict[str, int] = field(default_factory=dict)
 
     def drop(self, cause: str) -> None:
@@ -41,7 +42,7 @@ class ChunkExecutor:
     def __init__(self, info: ModelInfo, start: int, end: int, *, device: str = "cpu",
                  dtype: str = "float32", max_cached_requests: int = 64,
                  cache_idle_timeout_s: float = 600.0, reader: TensorReader | None = None,
-                 kernels: str = "exact") -> None:
+                 kernels: str = "exact", plausible_ids: int = 256) -> None:
         if not 0 <= start < end <= info.num_layers:
             raise ValueError(f"layer range [{start}, {end}) is outside the model's {info.num_layers} layers")
         self.start, self.end = start, end
@@ -52,6 +53,11 @@ class ChunkExecutor:
         self.max_cached_requests = max_cached_requests
         self.cache_idle_timeout_s = cache_idle_timeout_s
         self.caches: dict[int, RequestKVCache] = {}
+        # what the coordinator's last heartbeat said (see note_coordinator); ids this far past its
+        # next one are not given out soon
+        self.coordinator_inflight: set[int] = set()
+        self.next_request_id = 0
+        self.plausible_ids = plausible_ids
         self.stats = ChunkStats()
         self._lock = threading.Lock()
 
@@ -242,10 +248,10 @@ class ChunkExecutor:
             old = self.caches.pop(request_id, None)
             if old is not None:
                 self.pool.release(old)
-            elif len(self.caches) >= self.max_cached_requests:
+            elif len(self.caches) >= self.max_cached_requests and not self._evict_one():
                 raise ActivationRejected(
-                    "cache_full", f"{len(self.caches)} requests cached (max_cached_requests); "
-                    "raise chunks[].max_cached_requests or lower coordinator.max_inflight")
+                    "cache_full", f"{len(self.caches)} requests cached (max_cached_requests), all of them in "
+                    "flight at the coordinator; raise chunks[].max_cached_requests or lower coordinator.max_inflight")
             cache = RequestKVCache()
             cache.last_step = step - 1
             self.caches[request_id] = cache
@@ -268,6 +274,40 @@ class ChunkExecutor:
                 "bad_position", f"request {request_id} {what} at position {position} != cache length {cache.length}")
         return cache
 
+    def note_coordinator(self, inflight_ids: list[int], next_request_id: int) -> list[int]:
+        """The coordinator's heartbeat said which requests it has in flight: free the caches of
+        requests it has finished (ids it gave out that are not in flight; their release may be
+        lost) and remember the rest, so that a full cache evicts what it does not serve first."""
+        with self._lock:
+            self.coordinator_inflight = set(inflight_ids)
+            self.next_request_id = next_request_id
+            dead = [rid for rid in self.caches if rid < next_request_id and rid not in self.coordinator_inflight]
+            for rid in dead:
+                self.pool.release(self.caches.pop(rid))
+            self.stats.evictions += len(dead)
+            return dead
+
+    def _evict_one(self) -> bool:
+        """Make room for a new request: free the cache the coordinator is least likely to serve.
+
+        Never one it has in flight. First ids it gave out and finished, then ids far beyond the
+        next it will give (nothing real gets them soon), then the least recently used. Caches
+        that no request of the coordinator's owns (forged or stale prefills) can therefore never
+        lock out a real request."""
+        nxt = self.next_request_id
+        victims = [rid for rid in self.caches if rid not in self.coordinator_inflight]
+        if not victims:
+            return False
+
+        def order(rid: int) -> tuple[int, float]:
+            kind = 0 if rid < nxt else 1 if rid >= nxt + self.plausible_ids else 2
+            return kind, self.caches[rid].last_used
+
+        victim = min(victims, key=order)
+        self.pool.release(self.caches.pop(victim))
+        self.stats.evictions += 1
+        return True
+
     def release(self, request_id: int) -> bool:
         """Free a request's cache blocks; True if there was one."""
         with self._lock:
@@ -277,10 +317,12 @@ class ChunkExecutor:
             return cache is not None
 
     def release_all(self) -> int:
+        """Free every cache (a new coordinator epoch: the old one's requests are gone)."""
         with self._lock:
             n = len(self.caches)
             self.caches.clear()
             self.pool.release_all()
+            self.coordinator_inflight, self.next_request_id = set(), 0
             return n
 
     def evict_idle(self, now: float | None = None) -> list[int]:

@@ -108,6 +108,15 @@ class ClusterConfig:
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     placement: str = "weight"
     source: str = "<dict>"
+    secret_file: str | None = None          # the team's key (authenticated mode); None: plain mode
+    auth_max_age_s: float = 30.0            # authenticated messages older than this are refused
+
+    def key(self) -> bytes | None:
+        """The team's key from secret_file, or None in plain mode."""
+        if self.secret_file is None:
+            return None
+        from .auth import load_key
+        return load_key(self.secret_file)
 
 
 def apply_discovery_env(config: ClusterConfig, env: dict | None = None) -> dict:
@@ -206,7 +215,7 @@ def parse_config(data: Any, source: str = "<dict>") -> ClusterConfig:
 
     cluster = _check_keys(top.get("cluster", {}) or {}, "cluster",
                           {"namespace", "heartbeat_period_s", "domain_id", "discovery_range", "static_peers",
-                           "transport", "placement"})
+                           "transport", "placement", "secret_file", "auth_max_age_s"})
     namespace = cluster.get("namespace", "")
     if not isinstance(namespace, str) or (namespace and not all(
             part.replace("_", "a").isalnum() and part[0].isalpha()
@@ -214,6 +223,12 @@ def parse_config(data: Any, source: str = "<dict>") -> ClusterConfig:
         raise ConfigError(
             f"cluster.namespace: {namespace!r} is not a valid ROS namespace; use e.g. 'team_a' or ''")
     heartbeat = _float(cluster, "heartbeat_period_s", "cluster", 0.5, positive=True)
+    secret_file = cluster.get("secret_file")
+    if secret_file is not None:
+        secret_file = _str(cluster, "secret_file", "cluster", None)
+        base = Path(source).parent if source != "<dict>" else Path.cwd()
+        secret_file = str((base / os.path.expanduser(secret_file)).resolve())
+    auth_max_age = _float(cluster, "auth_max_age_s", "cluster", 30.0, positive=True)
     discovery = _discovery(cluster)
     placement = cluster.get("placement", "weight")
     if placement not in PLACEMENTS:
@@ -325,7 +340,8 @@ def parse_config(data: Any, source: str = "<dict>") -> ClusterConfig:
                                   "use device: cpu or model.kernels: exact")
     return ClusterConfig(namespace=namespace.strip("/"), model=model, coordinator=coordinator,
                          chunks=tuple(chunks), heartbeat_period_s=heartbeat, discovery=discovery,
-                         placement=placement, source=source)
+                         placement=placement, source=source, secret_file=secret_file,
+                         auth_max_age_s=auth_max_age)
 
 
 def _discovery(cluster: dict) -> DiscoveryConfig:

@@ -10,11 +10,12 @@ from collections import deque
 from typing import Callable
 
 from .chunk import ChunkExecutor
-from .engine import CoordinatorModel, GenerateParams
+from .coordinator_model import CoordinatorModel
+from .request import GenerateParams, GenerationResult
 from .models import ModelInfo, TensorReader
 from .plan import ClusterPlan
 from .ring import ChunkHandler, HopMessage
-from .scheduler import GenerationResult, RequestHandle, RingScheduler
+from .scheduler import RequestHandle, RingScheduler
 
 
 class LocalRing:

@@ -18,6 +18,7 @@ import torch
 from . import codec
 from .chunk import ChunkExecutor
 from .errors import ActivationRejected
+from .liveness import EpochFollower
 
 KIND_PREFILL = 0
 KIND_DECODE = 1
@@ -104,37 +105,75 @@ class HopMessage:
         return memoryview(self.data).nbytes
 
 
+@dataclass
+class CoordinatorNews:
+    """What a coordinator heartbeat changed at a chunk (for the node's log)."""
+
+    adopted: bool = False           # the chunk now serves this (new) epoch
+    dropped: int = 0                # caches of the previous epoch freed
+    evicted: int = 0                # caches of requests the coordinator has finished, freed
+    serving: bool | None = None     # set when this process became (True) or stopped being (False) a member
+
+
 class ChunkHandler:
     """Applies one chunk's layers to ring messages; never raises on bad input."""
 
     def __init__(self, executor: ChunkExecutor, *, cluster: str, hop: int,
-                 max_payload_bytes: int = 256 * 1024 * 1024, last: bool = False) -> None:
+                 max_payload_bytes: int = 256 * 1024 * 1024, last: bool = False, name: str = "",
+                 instance: int = 0, epoch_silence_s: float = 1.25) -> None:
         self.executor = executor
         self.cluster = cluster
         self.hop = hop
+        self.name = name
+        self.instance = instance          # this process (its started_at_ns), as the coordinator names it
         # The last chunk of the ring returns only a prefill's last position: the coordinator
         # samples from it alone, and a long prompt's whole output would cross the wire for nothing.
         self.last = last
         self.max_payload_bytes = max_payload_bytes
-        self.epoch = 0                  # epoch of the coordinator we serve (0: none seen yet)
+        self.follower = EpochFollower(epoch_silence_s)
+        self.serving = True               # False while the coordinator serves another process of this name
         self.released: set[int] = set()  # recently released ids: late messages for them are stale
         self.last_drop: ActivationRejected | None = None   # for rate-limited logging by the node
         self._lock = threading.Lock()
+
+    @property
+    def epoch(self) -> int:
+        """Epoch of the coordinator we serve (0: none yet)."""
+        return self.follower.epoch
 
     @property
     def stats(self):
         return self.executor.stats
 
     def adopt_epoch(self, epoch: int) -> int:
-        """Follow the coordinator's epoch (announced in its heartbeat, never taken from an
-        activation, so a stray message cannot wipe live caches). A new epoch means a
-        restarted coordinator: every cache of the old one is dropped. Returns how many."""
+        """Serve `epoch` from now on (announced in a coordinator heartbeat, never taken from an
+        activation). A new epoch means a restarted coordinator: every cache of the old one is
+        dropped. Returns how many."""
         with self._lock:
-            if epoch == self.epoch:
+            if epoch == self.follower.epoch:
                 return 0
-            self.epoch = epoch
+            self.follower.epoch = epoch
+            self.follower.last_heard = self.follower.clock()
             self.released.clear()
             return self.executor.release_all()
+
+    def on_coordinator(self, epoch: int, inflight_ids: list[int], next_request_id: int,
+                       members: list[str], instances: list[int]) -> CoordinatorNews:
+        """A coordinator heartbeat: follow its epoch (see EpochFollower), free the caches of
+        requests it finished, and stay idle while it serves another process of this name."""
+        news = CoordinatorNews()
+        if self.follower.heard(epoch):
+            with self._lock:
+                self.released.clear()
+                news.adopted, news.dropped = True, self.executor.release_all()
+        if epoch != self.epoch:
+            return news
+        news.evicted = len(self.executor.note_coordinator(inflight_ids, next_request_id))
+        if self.name in members:
+            serving = instances[members.index(self.name)] == self.instance
+            if serving != self.serving:
+                self.serving = news.serving = serving
+        return news
 
     def handle(self, msg: HopMessage) -> HopMessage | None:
         """Process a message addressed to this chunk; return the next hop's message or None (dropped)."""
@@ -206,6 +245,8 @@ class ChunkHandler:
         """Reject a message that is not for us or is malformed; return its tensor (None for release)."""
         if msg.cluster != self.cluster:
             raise ActivationRejected("foreign_cluster", f"cluster {msg.cluster!r} != {self.cluster!r}")
+        if not self.serving:
+            raise ActivationRejected("not_member", "the coordinator serves another process of this node's name")
         if msg.hop != self.hop:
             raise ActivationRejected("wrong_hop", f"hop {msg.hop} sent to hop {self.hop}")
         if msg.epoch != self.epoch:

@@ -39,15 +39,20 @@ class Sampler:
         p = self.params
         if p.greedy:
             return int(torch.argmax(logits).item())
-        scores = logits.float() / p.temperature            # (vocab,)
+        # Shifted so the largest score is 0, and in float64: dividing by any temperature the
+        # request contract accepts (down to the smallest float32) cannot overflow to inf - inf.
+        scores = logits.double()
+        scores = (scores - scores.max()) / p.temperature              # (vocab,), max 0, rest <= 0
+        if not torch.isfinite(scores.max()):
+            raise ValueError("the logits are not finite numbers")
         if p.top_k > 0 and p.top_k < scores.shape[-1]:
             kth = torch.topk(scores, p.top_k).values[-1]
             scores = scores.masked_fill(scores < kth, -math.inf)
         if p.top_p < 1.0:
             sorted_scores, order = torch.sort(scores, descending=True)
-            cum = torch.softmax(sorted_scores, dim=-1).cumsum(dim=-1)
+            probs_sorted = torch.softmax(sorted_scores, dim=-1)
             # drop tokens once the mass before them already reaches top_p (keep at least one)
-            drop_sorted = (cum - torch.softmax(sorted_scores, dim=-1)) >= p.top_p
+            drop_sorted = (probs_sorted.cumsum(dim=-1) - probs_sorted) >= p.top_p
             drop_sorted[0] = False
             scores = scores.masked_fill(drop_sorted.scatter(0, order, drop_sorted), -math.inf)
         probs = torch.softmax(scores, dim=-1)

@@ -11,47 +11,27 @@ or the in-process LocalRing) delivers it and hands ring output back through
 """
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from .engine import CoordinatorModel, GenerateParams, IncrementalDetokenizer, validate_params
+from .codec import CodecError
+from .coordinator_model import CoordinatorModel
+from .detokenizer import IncrementalDetokenizer
 from .errors import ErrorCode, RequestError
+from .request import GenerateParams, GenerationResult, PieceCallback, validate_params
 from .ring import KIND_DECODE, KIND_PREFILL, KIND_RELEASE, HopMessage
-from .sampling import Sampler
+from .sampling import SamplingParams, Sampler
 
 if TYPE_CHECKING:
     from .plan import ClusterPlan
 
 log = logging.getLogger("mdi_llm_ros.scheduler")
-
-
-@dataclass
-class GenerationResult:
-    success: bool
-    error_code: str = ""
-    error_message: str = ""
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
-    finish_reason: str = ""          # eos | length | stop | cancelled | error
-    time_to_first_token: float = 0.0
-    tokens_per_second: float = 0.0
-
-    @classmethod
-    def failure(cls, code: str, message: str) -> "GenerationResult":
-        """A request that ended (or never started) with an error code."""
-        return cls(success=False, error_code=code, error_message=message, finish_reason="error")
-
-
-PieceCallback = Callable[[str, int, int], None]   # (text piece, token id, tokens so far)
 
 
 class RequestHandle:
@@ -101,6 +81,7 @@ class _Request:
     pieces: deque = field(default_factory=deque)
     last_piece_at: int = 0
     in_pieces: bool = False        # its prefill is in pieces and not through: it does not hold its wave
+    late: bool = False             # its wave left without it: it holds no wave until it is back
 
 
 class RingScheduler:
@@ -135,13 +116,13 @@ class RingScheduler:
         self.request_timeout_s = request_timeout_s
         self.clock = clock
         self._lock = threading.RLock()
-        self._ids = itertools.count(1)
+        self.next_request_id = 1       # ids are unique per epoch; chunks learn this from the heartbeat
         self._inflight: dict[int, _Request] = {}
         self._queue: deque[_Request] = deque()
         self.max_inflight_seen = 0
         self.tokens_generated = 0
         self.completed = 0
-        self.stale_outputs = 0
+        self.drops: Counter[str] = Counter()    # ring outputs dropped, per cause (the heartbeat reports them)
         self.not_ready_reason: str | None = None   # set while the ring is incomplete
         self.lost_nodes: list[str] = []
 
@@ -161,7 +142,7 @@ class RingScheduler:
     def submit(self, params: GenerateParams, on_piece: PieceCallback | None = None) -> RequestHandle:
         """Validate and admit (or queue) a request; raises RequestError if refused."""
         validate_params(params, self.max_context)
-        prompt_ids = self.model.encode_prompt(params.prompt, params.use_chat_template)
+        prompt_ids = self.model.encode_prompt(params.prompt, params.use_chat_template, params.parse_special_tokens)
         if not prompt_ids:
             raise RequestError(ErrorCode.EMPTY_PROMPT, "the prompt encodes to zero tokens")
         if len(prompt_ids) >= self.max_context:
@@ -171,9 +152,11 @@ class RingScheduler:
         with self._lock:
             if self.not_ready_reason:
                 raise RequestError(ErrorCode.NOT_READY, self.not_ready_reason)
-            rid = next(self._ids)
+            rid = self.next_request_id
+            self.next_request_id += 1
             handle = RequestHandle(self, rid)
-            req = _Request(rid=rid, params=params, prompt_ids=prompt_ids, sampler=Sampler(params.sampling),
+            sampling = SamplingParams(params.temperature, params.top_k, params.top_p, params.seed)
+            req = _Request(rid=rid, params=params, prompt_ids=prompt_ids, sampler=Sampler(sampling),
                            detok=IncrementalDetokenizer(self.model.tokenizer, tuple(params.stop)),
                            handle=handle, on_piece=on_piece, submitted=self.clock())
             if len(self._inflight) < self.max_inflight:
@@ -249,19 +232,32 @@ class RingScheduler:
 
     def on_ring_outputs(self, msgs: list[HopMessage]) -> None:
         """Several ring outputs at once: one LM-head matmul and one embedding lookup for all of
-        them (the head's weights are read once), then per request: sample, re-inject or finish."""
-        ready: list[tuple[_Request, HopMessage]] = []
+        them (the head's weights are read once), then per request: sample, re-inject or finish.
+        A bad output is dropped on its own, and one request's failure ends that request alone."""
+        ready: list[tuple[_Request, torch.Tensor]] = []
         with self._lock:
             for msg in msgs:
                 if msg.epoch != self.epoch or msg.cluster != self.cluster:
-                    self.stale_outputs += 1
+                    self.drops["stale_output"] += 1
                     continue
-                if msg.kind == KIND_RELEASE:
-                    continue                              # release went all the way round
                 req = self._inflight.get(msg.request_id)
-                if req is None or not req.in_ring or msg.step != len(req.tokens):
-                    self.stale_outputs += 1               # cancelled, finished, or a duplicate
+                if msg.kind == KIND_RELEASE:
+                    if req is not None:              # ours went round after the request had ended
+                        self.drops["foreign_release"] += 1
+                        self._finish(req, "error", error=(
+                            ErrorCode.RING_FAULT, "a release of this request that the coordinator did not send "
+                            "freed its caches on the ring; send it again (with cluster.secret_file set, only "
+                            "the team's nodes can send one)"))
                     continue
+                if req is None or not req.in_ring or msg.step != len(req.tokens):
+                    self.drops["stale_output"] += 1    # cancelled, finished, or a duplicate
+                    continue
+                try:
+                    hidden = self._output(msg)
+                except ValueError:
+                    self.drops["bad_output"] += 1      # the request's real output may still come
+                    continue
+                req.late = False
                 if req.pieces or (msg.kind == KIND_PREFILL and msg.first_position != req.last_piece_at):
                     # A prompt still going out in pieces: a piece is through, the next one goes.
                     # Its last piece is not sent yet, so nothing else can be its answer: a
@@ -270,21 +266,34 @@ class RingScheduler:
                     if msg.kind == KIND_PREFILL and req.pieces:
                         self._send_next_piece(req)
                     elif msg.kind != KIND_PREFILL:
-                        self.stale_outputs += 1
+                        self.drops["stale_output"] += 1
                     continue
                 req.in_ring = req.in_pieces = False
-                ready.append((req, msg))
+                ready.append((req, hidden))
         if not ready:
             return
-        last = torch.cat([m.tensor()[:, -1:, :] for _, m in ready])    # (batch, 1, hidden)
-        logits = self.model.logits_batch(last)                          # (batch, vocab)
-        tokens = [req.sampler(logits[b]) for b, (req, _) in enumerate(ready)]
+        try:
+            last = torch.cat([h[:, -1:, :] for _, h in ready])          # (batch, 1, hidden)
+            logits = self.model.logits_batch(last)                     # (batch, vocab)
+        except Exception as exc:  # noqa: BLE001 - whatever failed, these requests end with a code
+            log.exception("next-token logits failed for %d requests", len(ready))
+            self._fail(ready, f"the coordinator could not compute the next token: {exc}")
+            return
+        tokens: list[int | Exception] = []
+        for b, (req, _) in enumerate(ready):
+            try:
+                tokens.append(req.sampler(logits[b]))
+            except Exception as exc:  # noqa: BLE001 - one request's sampling error is its own
+                tokens.append(exc)
         now = self.clock()
         with self._lock:
             going: list[tuple[_Request, int]] = []                       # (request, sampled token)
-            for (req, _), token in zip(ready, tokens):
-                # not cancelled meanwhile, and not finished by this token
-                if self._inflight.get(req.rid) is req and self._record_token(req, token, now):
+            for (req, _), token in zip(ready, tokens, strict=True):
+                if self._inflight.get(req.rid) is not req:
+                    continue                                             # cancelled meanwhile
+                if isinstance(token, Exception):
+                    self._finish(req, "error", error=(ErrorCode.INTERNAL, f"sampling failed: {token}"))
+                elif self._record_token(req, token, now):                # not finished by this token
                     going.append((req, token))
             if not going:
                 return
@@ -295,6 +304,22 @@ class RingScheduler:
                 return
             for msg in self._decode_messages(going):
                 self._send(msg)
+
+    def _output(self, msg: HopMessage) -> torch.Tensor:
+        """A ring output's hidden states (1, seq, hidden) in the model's dtype; ValueError if malformed."""
+        try:
+            hidden = msg.tensor(self.max_context * self.model.info.hidden_size * 4)
+        except CodecError as exc:
+            raise ValueError(str(exc)) from exc
+        if hidden.dim() != 3 or hidden.shape[0] != 1 or hidden.shape[2] != self.model.info.hidden_size:
+            raise ValueError(f"ring output of shape {tuple(hidden.shape)}, expected (1, seq, hidden)")
+        return hidden.to(self.model.dtype)
+
+    def _fail(self, reqs: list[tuple[_Request, object]], message: str) -> None:
+        with self._lock:
+            for req, _ in reqs:
+                if self._inflight.get(req.rid) is req:
+                    self._finish(req, "error", error=(ErrorCode.INTERNAL, message))
 
     def _decode_messages(self, going: list[tuple[_Request, int]]) -> list[HopMessage]:
         """The next decode step of each (request, sampled token), embedded in one lookup."""
@@ -318,9 +343,12 @@ class RingScheduler:
             # A member still in its prefill holds the wave (a burst of new prompts comes back
             # together and forms full waves), unless its prompt goes in pieces: that takes
             # seconds, and its wave's other members keep decoding meanwhile.
-            complete = all(r.parked_token is not None or not r.in_ring or r.in_pieces for r in members)
+            complete = all(r.parked_token is not None or not r.in_ring or r.in_pieces or r.late for r in members)
             if not complete and not (force and now - min(r.parked_at for r in parked) > self.wave_hold_s):
                 continue
+            for r in members:       # left behind once: it holds no wave until its output is back
+                if r.in_ring and r.parked_token is None and not r.in_pieces:
+                    r.late = True
             msgs = self._decode_messages([(r, r.parked_token) for r in parked])
             for req in parked:
                 req.parked_token = None
@@ -442,3 +470,9 @@ class RingScheduler:
     @property
     def queued(self) -> int:
         return len(self._queue)
+
+    def ring_view(self) -> tuple[list[int], int]:
+        """(requests in flight, the id the next one gets), read together: the heartbeat tells the
+        chunks, which free the caches of ids below the second that are not in the first."""
+        with self._lock:
+            return sorted(self._inflight), self.next_request_id

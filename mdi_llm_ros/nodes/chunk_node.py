@@ -21,14 +21,16 @@ from rclpy.node import Node
 from mdi_llm_ros.msg import ActivationBatch, NodeStatus
 
 from ..core.chunk import ChunkExecutor
+from ..core.errors import ActivationRejected
 from ..core.plan import COORDINATOR_JOINED, COORDINATOR_SILENT, DTYPE_BYTES, load_plan, status_topic
 from ..core.ring import ChunkHandler, take_ring_work
-from .common import (RING_QOS, STATUS_QOS, from_batch_msgs, make_status, run_node, set_threads,
-                     to_batch_msg)
+from .common import (PROCESS_STARTED_NS, RING_QOS, STATUS_QOS, NodeAuth, from_batch_msgs, make_status,
+                     run_node, set_threads, to_batch_msg)
 
 LINK_SETTLE_S = 0.3   # both sides of a new DDS match learn of it at about, not exactly, the same time
 COORDINATOR_SILENCE_WARN_S = 10.0   # say so when the coordinator has not been heard for this long,
 COORDINATOR_SILENCE_REPEAT_S = 30.0  # and again this often while it lasts
+EPOCH_SILENCE_HEARTBEATS = 2.5   # a new coordinator epoch is followed once the current one misses this many
 MAX_MERGED_PREFILLS = 64   # ring messages of prompts taken together (handle_many bounds the positions)
 
 
@@ -51,17 +53,21 @@ class ChunkNode(Node):
         chunk_cfg = cfg.chunks[self.plan_node.hop]
         set_threads(self.plan_node.threads)
         self.cluster = cfg.namespace
+        self.auth = NodeAuth(cfg.key(), cfg.auth_max_age_s)
         t0 = time.monotonic()
         n = self.plan_node
         self.get_logger().info(f"{name}: loading layers [{n.layer_start}, {n.layer_end}) on {n.device} ...")
+        c = cfg.coordinator
         executor = ChunkExecutor(info, n.layer_start, n.layer_end, device=n.device, dtype=plan.dtype,
                                  kernels=plan.kernels,
                                  max_cached_requests=chunk_cfg.max_cached_requests,
-                                 cache_idle_timeout_s=chunk_cfg.cache_idle_timeout_s)
+                                 cache_idle_timeout_s=chunk_cfg.cache_idle_timeout_s,
+                                 plausible_ids=4 * (c.max_inflight + c.queue_limit) + 64)
         # The largest legal activation: a prefill of the whole context.
         max_payload = plan.max_context * info.hidden_size * DTYPE_BYTES[plan.dtype]
         self.handler = ChunkHandler(executor, cluster=self.cluster, hop=n.hop, max_payload_bytes=max_payload,
-                                    last=n is plan.chunks[-1])
+                                    last=n is plan.chunks[-1], name=name, instance=PROCESS_STARTED_NS,
+                                    epoch_silence_s=EPOCH_SILENCE_HEARTBEATS * cfg.heartbeat_period_s)
         layers = ("own decoder layers" if executor.native is not None
                   else f"transformers' decoder layers ({executor.fallback_reason})")
         layers += f", {plan.kernels} kernels"
@@ -71,7 +77,8 @@ class ChunkNode(Node):
         self.inbox: queue.Queue = queue.Queue()
         self.pub = self.create_publisher(ActivationBatch, n.outbound_topic, RING_QOS)
         self.status_pub = self.create_publisher(NodeStatus, status_topic(self.cluster), STATUS_QOS)
-        self.ring_sub = self.create_subscription(ActivationBatch, n.inbound_topic, self.inbox.put, RING_QOS)
+        self.ring_sub = self.create_subscription(
+            ActivationBatch, n.inbound_topic, lambda b: self.inbox.put(b) if self.admitted(b) else None, RING_QOS)
         self._links_up_since: float | None = None
         self._ready = False
         self._coordinator_heard_at = time.monotonic()   # counts from start: silence since then is news
@@ -105,7 +112,7 @@ class ChunkNode(Node):
             if not ready:
                 continue
             try:
-                self.pub.publish(to_batch_msg(ready))
+                self.auth.publish(self.pub, to_batch_msg(ready))
             except Exception as exc:  # context shut down while publishing
                 if not self._stop.is_set():
                     self.get_logger().error(f"publish failed: {exc}")
@@ -121,6 +128,18 @@ class ChunkNode(Node):
                 break
         return take_ring_work(self.pending, MAX_MERGED_PREFILLS)
 
+    def admitted(self, batch: ActivationBatch) -> bool:
+        """Authenticated mode: a batch that is not sealed with the team's key, is replayed or stale
+        is dropped whole and counted (once per hop it carries)."""
+        cause = self.auth.admit_batch(batch)
+        if cause is None:
+            return True
+        for _ in range(max(1, len(batch.hops))):
+            self.handler.stats.drop(cause)
+        self.handler.last_drop = ActivationRejected(cause, "ring message without the team's MAC, replayed or stale")
+        self.log_drop()
+        return False
+
     def log_drop(self) -> None:
         """Log each drop cause at most once per 5 s (a flood must not flood the log)."""
         exc = self.handler.last_drop
@@ -133,16 +152,29 @@ class ChunkNode(Node):
             self.get_logger().warning(f"dropped activation ({exc.cause}, {count} so far): {exc.detail}")
 
     def on_status(self, s: NodeStatus) -> None:
-        """Follow the coordinator's epoch; a new one means it restarted and old caches are void."""
+        """Follow the coordinator (core.ring.ChunkHandler.on_coordinator): its epoch, which of its
+        requests are finished, and whether it serves this process or another of the same name."""
         if s.role != "coordinator" or s.cluster != self.cluster:
             return
-        self._coordinator_heard_at = time.monotonic()
-        if s.epoch == self.handler.epoch:
+        cause = self.auth.admit_status(s)
+        if cause is not None:
+            self.handler.stats.drop(cause)
             return
-        dropped = self.handler.adopt_epoch(s.epoch)
-        self.get_logger().info(f"{COORDINATOR_JOINED} {s.epoch}"
-                               + (f"; dropped {dropped} caches of the previous epoch" if dropped else ""))
-        self.publish_status()
+        news = self.handler.on_coordinator(s.epoch, list(s.inflight_requests), s.next_request_id,
+                                           list(s.members), list(s.member_instances))
+        if s.epoch == self.handler.epoch:
+            self._coordinator_heard_at = time.monotonic()
+        if news.adopted:
+            self.get_logger().info(f"{COORDINATOR_JOINED} {s.epoch}"
+                                   + (f"; dropped {news.dropped} caches of the previous epoch" if news.dropped else ""))
+        if news.serving is False:
+            self.get_logger().error(
+                f"the coordinator serves another process named {self.plan_node.name}; this one (pid {os.getpid()}) "
+                "stays idle until that one is gone. Stop one of them, or give this one another chunks[].name")
+        elif news.serving:
+            self.get_logger().info(f"the coordinator serves this process as {self.plan_node.name} now")
+        if news.adopted or news.serving is not None:
+            self.publish_status()
 
     def ring_links_up(self) -> bool:
         """Ready once both ring neighbours are matched (and were a moment ago): a message
@@ -177,9 +209,10 @@ class ChunkNode(Node):
     def publish_status(self) -> None:
         self.warn_if_coordinator_silent()
         n, ex = self.plan_node, self.handler.executor
-        self.status_pub.publish(make_status(
+        self.auth.publish(self.status_pub, make_status(
             self, name=n.name, cluster=self.cluster, role="chunk", host=n.host, device=n.device,
-            layers=(n.layer_start, n.layer_end), epoch=self.handler.epoch, ready=self.ring_links_up(),
+            layers=(n.layer_start, n.layer_end), epoch=self.handler.epoch,
+            ready=self.handler.serving and self.ring_links_up(),
             cached=ex.num_cached, queue=self.inbox.qsize() + len(self.pending), tokens=ex.stats.tokens_processed,
             drops=dict(ex.stats.drops), bytes_received=ex.stats.bytes_received,
             busy_seconds=ex.stats.busy_seconds, kv_cache=(ex.kv_cache_bytes, ex.kv_cache_peak_bytes)))

@@ -24,8 +24,11 @@ from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPo
 
 from mdi_llm_ros.msg import Activation, ActivationBatch, NodeStatus
 
+from ..core.auth import Sealer
+from ..core.errors import ConfigError
 from ..core.models import ModelError
 from ..core.ring import HopMessage
+from ..signing import Gate, seal
 from ..spin import spin_resilient
 
 # Ring traffic: reliable and KEEP_ALL, so a slow hop applies back-pressure
@@ -76,6 +79,38 @@ def from_batch_msgs(batches: list[ActivationBatch]) -> list[HopMessage]:
     return [from_msg(m) for b in batches for m in b.hops]
 
 
+class NodeAuth:
+    """A node's side of the authenticated mode (cluster.secret_file): it seals what it publishes
+    on the ring and the status topic, and lets in only what is sealed, fresh and not replayed.
+    Without a key (plain mode) everything passes unchanged."""
+
+    def __init__(self, key: bytes | None, max_age_s: float) -> None:
+        self.key = key
+        self.sealer = Sealer(key, PROCESS_STARTED_NS) if key else None
+        self.gate = Gate(key, max_age_s) if key else None
+
+    def publish(self, publisher, msg) -> None:
+        """Seal and publish an ActivationBatch or a NodeStatus; counters leave in order."""
+        if self.sealer is None:
+            publisher.publish(msg)
+            return
+        with self.sealer.lock:
+            counter, stamp_ns = self.sealer.next()
+            if hasattr(msg, "hops"):
+                msg.sender, msg.counter, msg.stamp_ns = self.sealer.sender, counter, stamp_ns
+            else:
+                msg.counter = counter
+            seal(msg, self.key)
+            publisher.publish(msg)
+
+    def admit_batch(self, msg) -> str | None:
+        """None, or why an ActivationBatch is dropped."""
+        return None if self.gate is None else self.gate.check_batch(msg)
+
+    def admit_status(self, msg) -> str | None:
+        return None if self.gate is None else self.gate.check_status(msg)
+
+
 def rss_bytes() -> int:
     return psutil.Process().memory_info().rss
 
@@ -91,6 +126,7 @@ def make_status(node, *, name: str, cluster: str, role: str, host: str, device: 
     s.layer_start, s.layer_end = layers
     s.epoch = epoch
     s.started_at_ns = PROCESS_STARTED_NS
+    s.pid = os.getpid()
     s.ready = ready
     s.requests_cached = cached
     s.queue_depth = queue
@@ -153,7 +189,7 @@ def run_node(make_node, num_threads: int | Callable[[object], int] = 2, grace_s:
         executor.shutdown(timeout_sec=2.0)
         spinner.join(timeout=3.0)   # a spin thread left inside rcl at exit aborts the process
         return 0
-    except (SystemExit, ModelError) as exc:   # a configuration or model problem: say it, exit non-zero
+    except (SystemExit, ModelError, ConfigError) as exc:   # a configuration or model problem: say it, exit 2
         print(f"[{os.path.basename(sys.argv[0])}] {exc}", file=sys.stderr)
         return 2
     finally:

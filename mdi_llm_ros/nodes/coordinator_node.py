@@ -27,73 +27,19 @@ from mdi_llm_ros.action import Generate as GenerateAction
 from mdi_llm_ros.msg import ActivationBatch, NodeStatus
 from mdi_llm_ros.srv import Generate
 
-from ..core.engine import CoordinatorModel, GenerateParams
+from ..convert import fill_result, params_from
+from ..core.coordinator_model import CoordinatorModel
 from ..core.errors import ErrorCode, RequestError
+from ..core.liveness import ChunkLiveness
 from ..core.plan import load_plan, service_name, status_topic
-from ..core.scheduler import GenerationResult, RingScheduler
-from .common import (RING_QOS, STATUS_QOS, from_batch_msgs, make_status, run_node, set_threads,
+from ..core.request import GenerationResult
+from ..core.scheduler import RingScheduler
+from ..signing import RequestGate, seal
+from .common import (RING_QOS, STATUS_QOS, NodeAuth, from_batch_msgs, make_status, run_node, set_threads,
                      spin_quietly, to_batch_msg)
 
 MISSING_REPORT_HEARTBEATS = 10   # while chunk nodes stay missing, say why every 10 heartbeat timeouts
-
-
-def params_from(req) -> GenerateParams:
-    return GenerateParams(prompt=req.prompt, use_chat_template=req.use_chat_template,
-                          max_new_tokens=int(req.max_new_tokens), temperature=float(req.temperature),
-                          top_k=int(req.top_k), top_p=float(req.top_p), seed=int(req.seed), stop=tuple(req.stop))
-
-
-def fill_result(out, r: GenerationResult):
-    out.success = r.success
-    out.error_code = r.error_code
-    out.error_message = r.error_message
-    out.text = r.text
-    out.prompt_tokens = r.prompt_tokens
-    out.generated_tokens = r.generated_tokens
-    out.finish_reason = r.finish_reason
-    out.time_to_first_token = float(r.time_to_first_token)
-    out.tokens_per_second = float(r.tokens_per_second)
-    return out
-
-
-class ChunkLiveness:
-    """Which chunk nodes have sent a ready heartbeat recently, and which restarted."""
-
-    def __init__(self, names: list[str], timeout_s: float, epoch: int) -> None:
-        self.names = names
-        self.epoch = epoch
-        self.timeout_s = timeout_s
-        self.last_seen: dict[str, float] = {}
-        self.started_at: dict[str, int] = {}
-        self.unready: dict[str, tuple[float, str]] = {}   # name -> (when, why) of a heartbeat that did not count
-
-    def heard(self, s: NodeStatus) -> bool:
-        """Record a heartbeat; True when this node restarted since we last heard it.
-
-        Only a node that has joined our epoch counts: until then it would drop our activations."""
-        if s.name not in self.names:
-            return False
-        why_not = ("it has not joined this coordinator's epoch: it does not hear the coordinator"
-                   if s.epoch != self.epoch else
-                   "its ring topics have not matched both neighbours yet" if not s.ready else None)
-        if why_not:
-            self.unready[s.name] = (time.monotonic(), f"its heartbeats arrive, but {why_not}")
-            return False
-        restarted = s.name in self.started_at and self.started_at[s.name] != s.started_at_ns
-        self.started_at[s.name] = s.started_at_ns
-        self.last_seen[s.name] = time.monotonic()
-        return restarted
-
-    def missing(self) -> list[str]:
-        now = time.monotonic()
-        return [n for n in self.names if now - self.last_seen.get(n, -1e9) > self.timeout_s]
-
-    def why_missing(self, name: str) -> str:
-        """What the coordinator last knew of a missing node, for the log."""
-        when, why = self.unready.get(name, (-1e9, ""))
-        if time.monotonic() - when <= self.timeout_s:
-            return why
-        return "no heartbeat arrives from it"
+IMPOSTOR_REPORT_S = 10.0         # two processes that claim one node name: said at most this often
 
 
 class CoordinatorNode(Node):
@@ -106,6 +52,8 @@ class CoordinatorNode(Node):
             raise SystemExit("coordinator_node needs parameter config_file (--ros-args -p config_file:=FILE)")
         cfg, plan, info = load_plan(config_file)
         self.cfg, self.plan = cfg, plan
+        self.auth = NodeAuth(cfg.key(), cfg.auth_max_age_s)
+        self.request_gate = RequestGate(self.auth.key, cfg.auth_max_age_s) if self.auth.key else None
         c = plan.coordinator
         set_threads(c.threads)
         t0 = time.monotonic()
@@ -130,6 +78,7 @@ class CoordinatorNode(Node):
         self.ready = False
         self._missing: list[str] = [n.name for n in plan.chunks]
         self._was_missing: set[str] = set()
+        self._impostor_reported: dict[str, float] = {}
         self._missing_reported_at = time.monotonic()
         self.scheduler.not_ready_reason = self._not_ready_text(self._missing)
 
@@ -143,7 +92,7 @@ class CoordinatorNode(Node):
         # Ring outputs are queued and computed by one thread that takes all that wait at once
         # (one LM-head matmul for all of them).
         self.ring_inbox: queue.Queue = queue.Queue()
-        self.ring_node.create_subscription(ActivationBatch, c.inbound_topic, self.ring_inbox.put, RING_QOS)
+        self.ring_node.create_subscription(ActivationBatch, c.inbound_topic, self.on_ring_batch, RING_QOS)
         self._ring_stop = threading.Event()
         self.ring_worker = threading.Thread(target=self.ring_work, name="ring-compute", daemon=True)
         self.ring_worker.start()
@@ -181,7 +130,14 @@ class CoordinatorNode(Node):
     def send_wave(self, msgs) -> None:
         """A wave's next steps leave as one message: one micro-batch at every hop."""
         with self._send_lock:
-            self.ring_pub.publish(to_batch_msg(msgs))
+            self.auth.publish(self.ring_pub, to_batch_msg(msgs))
+
+    def on_ring_batch(self, batch) -> None:
+        cause = self.auth.admit_batch(batch)
+        if cause is None:
+            self.ring_inbox.put(batch)
+        else:
+            self.scheduler.drops[cause] += max(1, len(batch.hops))
 
     def ring_work(self) -> None:
         while not self._ring_stop.is_set():
@@ -206,14 +162,27 @@ class CoordinatorNode(Node):
 
     # --- liveness ---------------------------------------------------------------------
     def on_status(self, s: NodeStatus) -> None:
-        if s.cluster != self.cfg.namespace:
+        if s.cluster != self.cfg.namespace or s.role != "chunk":
+            return
+        cause = self.auth.admit_status(s)
+        if cause is not None:
+            self.scheduler.drops[cause] += 1
             return
         with self._liveness_lock:
-            restarted = self.liveness.heard(s)
-            if restarted and self.scheduler.inflight:
+            heard = self.liveness.heard(s.name, s.started_at_ns, s.pid, s.host, s.epoch, s.ready)
+            if heard.replaced is not None and self.scheduler.inflight:
                 self._was_missing.add(s.name)
-        if restarted and self.scheduler.inflight:
-            self.get_logger().warning(f"{s.name} restarted: replaying in-flight requests")
+        if heard.replaced is not None and self.scheduler.inflight:
+            self.get_logger().warning(f"{s.name} restarted: its in-flight requests are replayed once it is ready")
+        if heard.impostor is not None:
+            now = time.monotonic()
+            if now - self._impostor_reported.get(s.name, -1e9) >= IMPOSTOR_REPORT_S:
+                self._impostor_reported[s.name] = now
+                kept, other = heard.impostor
+                self.get_logger().error(
+                    f"two processes claim chunk node {s.name}: {kept.describe()} and {other.describe()}; the ring "
+                    f"keeps the first and ignores the second until the first is gone. Stop one of them, or give "
+                    f"it another chunks[].name")
 
     @staticmethod
     def _not_ready_text(missing: list[str]) -> str:
@@ -257,12 +226,18 @@ class CoordinatorNode(Node):
 
     def publish_status(self) -> None:
         c = self.plan.coordinator
-        self.status_pub.publish(make_status(
+        inflight, next_id = self.scheduler.ring_view()
+        with self._liveness_lock:
+            members, instances = self.liveness.members()
+        status = make_status(
             self, name=c.name, cluster=self.cfg.namespace, role="coordinator", host=c.host, device=c.device,
             layers=(0, c.layer_end), epoch=self.scheduler.epoch, ready=self.ready,
             cached=self.scheduler.inflight, queue=self.scheduler.queued,
-            tokens=self.scheduler.tokens_generated, drops={"stale_output": self.scheduler.stale_outputs},
-            missing=self._missing, bytes_received=self.bytes_received, busy_seconds=self.busy_seconds))
+            tokens=self.scheduler.tokens_generated, drops=dict(self.scheduler.drops),
+            missing=self._missing, bytes_received=self.bytes_received, busy_seconds=self.busy_seconds)
+        status.inflight_requests, status.next_request_id = inflight, next_id
+        status.members, status.member_instances = members, instances
+        self.auth.publish(self.status_pub, status)
 
     # --- clients ------------------------------------------------------------------------
     def _wait(self, handle, is_cancelled=lambda: False) -> GenerationResult:
@@ -276,16 +251,35 @@ class CoordinatorNode(Node):
             handle.wait(0.02)
         return handle.result
 
+    def _refused(self, request) -> GenerationResult | None:
+        """Authenticated mode: UNAUTHORIZED for a request without the team's MAC, replayed or stale."""
+        why = self.request_gate.refuse(request) if self.request_gate else None
+        if why is None:
+            return None
+        self.scheduler.drops["unauthorized_request"] += 1
+        return GenerationResult.failure(ErrorCode.UNAUTHORIZED, why)
+
+    def _answer(self, msg, result: GenerationResult, request):
+        """Fill a response / action result; authenticated mode: sealed, bound to the request's nonce."""
+        fill_result(msg, result)
+        if self.auth.key:
+            seal(msg, self.auth.key, request.nonce)
+        return msg
+
     def on_generate(self, request, response):
+        refused = self._refused(request)
+        if refused is not None:
+            return self._answer(response, refused, request)
         try:
             handle = self.scheduler.submit(params_from(request))
         except RequestError as exc:
             self.get_logger().info(f"/generate refused: {exc.code}: {exc.message}")
-            return fill_result(response, GenerationResult.failure(exc.code, exc.message))
+            return self._answer(response, GenerationResult.failure(exc.code, exc.message), request)
         except Exception as exc:       # never leave a caller without an answer
             self.get_logger().error(f"/generate failed: {exc!r}")
-            return fill_result(response, GenerationResult.failure(ErrorCode.INTERNAL, f"coordinator error: {exc!r}"))
-        return fill_result(response, self._wait(handle))
+            return self._answer(response, GenerationResult.failure(ErrorCode.INTERNAL, f"coordinator error: {exc!r}"),
+                                request)
+        return self._answer(response, self._wait(handle), request)
 
     def on_goal(self, goal) -> GoalResponse:
         s = self.scheduler
@@ -299,17 +293,24 @@ class CoordinatorNode(Node):
 
     def on_goal_execute(self, goal_handle):
         result = GenerateAction.Result()
+        goal = goal_handle.request
+        refused = self._refused(goal)
+        if refused is not None:          # accepted only to say why: a rejected goal carries no code
+            goal_handle.abort()
+            return self._answer(result, refused, goal)
 
         def on_piece(piece: str, token: int, count: int) -> None:
             fb = GenerateAction.Feedback()
             fb.text, fb.token_id, fb.token_count = piece, int(token), int(count)
+            if self.auth.key:
+                seal(fb, self.auth.key, goal.nonce)
             goal_handle.publish_feedback(fb)
 
         try:
-            handle = self.scheduler.submit(params_from(goal_handle.request), on_piece)
+            handle = self.scheduler.submit(params_from(goal), on_piece)
         except RequestError as exc:
             goal_handle.abort()
-            return fill_result(result, GenerationResult.failure(exc.code, exc.message))
+            return self._answer(result, GenerationResult.failure(exc.code, exc.message), goal)
         r = self._wait(handle, lambda: goal_handle.is_cancel_requested)
         if goal_handle.is_cancel_requested and r.finish_reason == "cancelled":
             goal_handle.canceled()
@@ -317,7 +318,7 @@ class CoordinatorNode(Node):
             goal_handle.succeed()
         else:
             goal_handle.abort()
-        return fill_result(result, r)
+        return self._answer(result, r, goal)
 
     def destroy_node(self) -> None:
         self._ring_stop.set()

@@ -1,4 +1,4 @@
-"""The coordinator's model parts: tokenizer, embedding, head, detokenisation.
+"""The coordinator's model parts: tokenizer, embedding, final norm and LM head.
 
 The coordinator owns what sits at both ends of the ring: the tokenizer and
 chat template, the token embedding (plus any first layers it holds itself),
@@ -7,10 +7,7 @@ the final norm and the LM head. Chunk nodes hold everything in between.
 from __future__ import annotations
 
 import functools
-import math
 import threading
-import unicodedata
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -21,61 +18,9 @@ from .decoder import NATIVE_MODEL_TYPES, RMSNorm
 from .errors import ErrorCode, RequestError
 from .kernels import PackedHead, check_kernels
 from .models import ModelInfo, TensorReader, meta_model
-from .sampling import SamplingParams
 
-MAX_STOP_STRINGS = 8
-MAX_STOP_LENGTH = 64
-MAX_PROMPT_CHARS = 1_000_000
-
-
-@dataclass(frozen=True)
-class GenerateParams:
-    """One request as the service/action/CLI give it."""
-
-    prompt: str
-    use_chat_template: bool = False
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = -1
-    stop: tuple[str, ...] = field(default_factory=tuple)
-
-    @property
-    def sampling(self) -> SamplingParams:
-        return SamplingParams(self.temperature, self.top_k, self.top_p, self.seed)
-
-
-def validate_params(p: GenerateParams, max_context: int) -> None:
-    """Reject a request whose fields are out of range, with a code naming the field."""
-    if not isinstance(p.prompt, str) or not p.prompt.strip():
-        raise RequestError(ErrorCode.EMPTY_PROMPT, "prompt is empty; send some text to continue")
-    if len(p.prompt) > MAX_PROMPT_CHARS:
-        raise RequestError(ErrorCode.PROMPT_TOO_LONG, f"prompt has {len(p.prompt)} characters (max {MAX_PROMPT_CHARS})")
-    if "\ufffd" in p.prompt or any(0xD800 <= ord(ch) <= 0xDFFF for ch in p.prompt):
-        raise RequestError(ErrorCode.INVALID_TEXT, "prompt contains invalid UTF-8 (replacement or surrogate characters)")
-    bad = [ch for ch in p.prompt if unicodedata.category(ch) == "Cc" and ch not in "\n\r\t"]
-    if bad:
-        raise RequestError(ErrorCode.INVALID_TEXT,
-                           f"prompt contains control character {bad[0]!r}; only \\n, \\r and \\t are allowed")
-    if not isinstance(p.max_new_tokens, int) or p.max_new_tokens < 1 or p.max_new_tokens > max_context:
-        raise RequestError(ErrorCode.INVALID_MAX_NEW_TOKENS,
-                           f"max_new_tokens must be in 1..{max_context} (the model context), got {p.max_new_tokens}")
-    if not math.isfinite(p.temperature) or p.temperature < 0:
-        raise RequestError(ErrorCode.INVALID_TEMPERATURE,
-                           f"temperature must be a finite number >= 0 (0 = greedy), got {p.temperature}")
-    if p.top_k < 0:
-        raise RequestError(ErrorCode.INVALID_TOP_K, f"top_k must be >= 0 (0 = off), got {p.top_k}")
-    if not math.isfinite(p.top_p) or not 0 < p.top_p <= 1:
-        raise RequestError(ErrorCode.INVALID_TOP_P, f"top_p must be in (0, 1] (1 = off), got {p.top_p}")
-    if p.seed < -1:
-        raise RequestError(ErrorCode.INVALID_SEED, f"seed must be >= 0, or -1 for a random seed, got {p.seed}")
-    if len(p.stop) > MAX_STOP_STRINGS:
-        raise RequestError(ErrorCode.INVALID_STOP, f"{len(p.stop)} stop strings; at most {MAX_STOP_STRINGS}")
-    for s in p.stop:
-        if not s or len(s) > MAX_STOP_LENGTH:
-            raise RequestError(ErrorCode.INVALID_STOP,
-                               f"stop string {s[:20]!r} must have 1..{MAX_STOP_LENGTH} characters")
+# Stands for the user's text while the chat template is rendered (never tokenized itself).
+_CONTENT = "\uE000mdi-user-content\uE000"
 
 
 class CoordinatorModel:
@@ -90,6 +35,7 @@ class CoordinatorModel:
         self.dtype = DTYPES[dtype]
         self.tokenizer = AutoTokenizer.from_pretrained(info.path)
         self._tokenizer_lock = threading.Lock()
+        self._special_strings = [t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special]
         check_kernels(kernels, self.device, self.dtype)
         self.kernels = kernels
         self.reader = TensorReader(info)
@@ -139,22 +85,36 @@ class CoordinatorModel:
         if self.local_layers is not None:
             self.parameter_bytes += self.local_layers.parameter_bytes
 
-    def encode_prompt(self, prompt: str, use_chat_template: bool) -> list[int]:
+    def encode_prompt(self, prompt: str, use_chat_template: bool, parse_special_tokens: bool = False) -> list[int]:
+        """The prompt's token ids. By default special tokens written in the prompt (such as
+        `<|im_start|>system`) stay plain text, so a user cannot inject turns or control tokens;
+        `parse_special_tokens` makes them control tokens, as a raw tokenizer call would."""
         # The Rust tokenizer refuses concurrent use ("Already borrowed"): callers are serialised.
         with self._tokenizer_lock:
-            return self._encode(prompt, use_chat_template)
+            return self._encode(prompt, use_chat_template, parse_special_tokens)
 
-    def _encode(self, prompt: str, use_chat_template: bool) -> list[int]:
-        if use_chat_template:
-            if not getattr(self.tokenizer, "chat_template", None):
-                raise RequestError(ErrorCode.INVALID_TEXT,
-                                   "this model has no chat template; send use_chat_template=false")
+    def _text_ids(self, text: str, parse_special_tokens: bool, add_special_tokens: bool = False) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=add_special_tokens,
+                                   split_special_tokens=not parse_special_tokens)["input_ids"])
+
+    def _encode(self, prompt: str, use_chat_template: bool, parse_special_tokens: bool) -> list[int]:
+        # A prompt that spells no special token is tokenized exactly as `transformers` would.
+        plain = parse_special_tokens or not any(s in prompt for s in self._special_strings)
+        if not use_chat_template:
+            return self._text_ids(prompt, plain, add_special_tokens=True)
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise RequestError(ErrorCode.INVALID_TEXT,
+                               "this model has no chat template; send use_chat_template=false")
+        if plain:
             ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
                                                      add_generation_prompt=True, tokenize=True)
-            if not isinstance(ids, list):   # BatchEncoding in some versions
-                ids = ids["input_ids"]
-            return list(ids)
-        return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+            return list(ids if isinstance(ids, list) else ids["input_ids"])   # BatchEncoding in some versions
+        # The template's own text (its control tokens) is tokenized as the template means it, the
+        # user's text between them with special tokens split into plain pieces.
+        rendered = self.tokenizer.apply_chat_template([{"role": "user", "content": _CONTENT}],
+                                                      add_generation_prompt=True, tokenize=False)
+        before, _, after = rendered.partition(_CONTENT)
+        return self._text_ids(before, True) + self._text_ids(prompt, False) + self._text_ids(after, True)
 
     @torch.inference_mode()
     def embed_tokens(self, token_ids: list[int]) -> torch.Tensor:
@@ -178,50 +138,3 @@ class CoordinatorModel:
         """(batch, 1, hidden) last positions -> (batch, vocab) float32 logits."""
         x = self.norm(last.to(device=self.device, dtype=self.dtype))
         return self.head(x)[:, -1].float()
-
-
-class IncrementalDetokenizer:
-    """Turns a growing list of token ids into text pieces, never splitting a UTF-8 character,
-    and holds back text that could be the start of a stop string."""
-
-    def __init__(self, tokenizer, stop: tuple[str, ...] = ()) -> None:
-        self.tokenizer = tokenizer
-        self.stop = stop
-        self.ids: list[int] = []
-        self.text = ""          # full decoded text so far (may end mid-character)
-        self.emitted = 0        # characters of `text` already handed out
-        self.stopped = False
-
-    def add(self, token_id: int) -> str:
-        """Add a token; return the new piece of text that is safe to show (may be '')."""
-        self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        self.text = text
-        for s in self.stop:
-            cut = text.find(s)
-            if cut >= 0:
-                self.text = text[:cut]
-                self.stopped = True
-        if self.stopped:
-            return self._take(len(self.text))
-        safe = len(text)
-        if text.endswith("\ufffd"):          # an incomplete multi-byte character
-            safe = len(text.rstrip("\ufffd"))
-        for s in self.stop:                   # a partial stop string at the end
-            for k in range(min(len(s) - 1, len(text)), 0, -1):
-                if text.endswith(s[:k]):
-                    safe = min(safe, len(text) - k)
-                    break
-        return self._take(safe)
-
-    def finish(self) -> str:
-        """The rest of the text once generation has ended."""
-        if self.text.endswith("\ufffd"):
-            self.text = self.text.rstrip("\ufffd")
-        return self._take(len(self.text))
-
-    def _take(self, end: int) -> str:
-        end = max(end, self.emitted)
-        piece = self.text[self.emitted:end]
-        self.emitted = end
-        return piece

@@ -1,0 +1,144 @@
+"""Who is on the ring: heartbeats -> which chunk processes serve, which coordinator epoch counts.
+
+Heartbeats (NodeStatus) come from anything on the network, so neither side believes a
+single one: the coordinator accepts one process per chunk name and keeps it until it
+falls silent (a second process that claims the name is reported, not followed), and a
+chunk follows a new coordinator epoch only once the one it serves has gone silent and
+the new one has been heard more than once (a stray heartbeat cannot wipe the caches).
+Plain values in, decisions out: the ROS nodes only convert messages.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+EPOCH_CONFIRMATIONS = 2      # heartbeats of a new epoch before a chunk follows it
+
+
+@dataclass
+class Instance:
+    """One process that claims a node name."""
+
+    started_at_ns: int
+    pid: int
+    host: str
+    first_heard: float
+    last_heard: float
+
+    def describe(self) -> str:
+        started = time.strftime("%H:%M:%S", time.localtime(self.started_at_ns / 1e9))
+        return f"pid {self.pid} on host {self.host} (started {started})"
+
+
+class EpochFollower:
+    """The coordinator epoch a chunk serves.
+
+    The first epoch is taken once it has been heard EPOCH_CONFIRMATIONS times. A different
+    epoch replaces it only when the current coordinator has been silent for `silence_s`
+    and the new one has been heard EPOCH_CONFIRMATIONS times since: a restarted coordinator
+    (whose predecessor is gone) is followed within about silence_s plus one heartbeat, and a
+    forged or stray heartbeat while the coordinator lives changes nothing.
+    """
+
+    def __init__(self, silence_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.silence_s = silence_s
+        self.clock = clock
+        self.epoch = 0
+        self.last_heard = -1e18
+        self._candidates: dict[int, int] = {}     # epoch -> heartbeats heard since it appeared
+
+    def heard(self, epoch: int) -> bool:
+        """Record a coordinator heartbeat of `epoch`; True when the chunk now serves it (a new epoch)."""
+        now = self.clock()
+        if epoch == self.epoch:
+            self.last_heard = now
+            self._candidates.clear()
+            return False
+        count = self._candidates.get(epoch, 0) + 1
+        self._candidates = {epoch: count} if len(self._candidates) > 16 else {**self._candidates, epoch: count}
+        if count < EPOCH_CONFIRMATIONS or (self.epoch and now - self.last_heard < self.silence_s):
+            return False
+        self.epoch, self.last_heard = epoch, now
+        self._candidates.clear()
+        return True
+
+    def silent_for(self) -> float:
+        return self.clock() - self.last_heard
+
+
+@dataclass
+class Heard:
+    """What one chunk heartbeat meant to the coordinator."""
+
+    counted: bool = False                  # the node serves this coordinator now
+    replaced: Instance | None = None       # a new process took the name over from this silent one
+    impostor: tuple[Instance, Instance] | None = None   # (accepted, newcomer) both alive: log it
+
+
+@dataclass
+class ChunkLiveness:
+    """Which chunk processes serve the coordinator, and why a missing one does not.
+
+    One process per name is accepted: the first heard, until it has been silent for
+    `timeout_s`; then the next one that claims the name replaces it (a restart). Another
+    process with the same name meanwhile is an impostor: reported, never counted.
+    """
+
+    names: list[str]
+    timeout_s: float
+    epoch: int
+    clock: Callable[[], float] = time.monotonic
+    owners: dict[str, Instance] = field(default_factory=dict)
+    last_seen: dict[str, float] = field(default_factory=dict)        # last heartbeat that counted
+    unready: dict[str, tuple[float, str]] = field(default_factory=dict)   # name -> (when, why) it did not count
+    impostors: dict[str, Instance] = field(default_factory=dict)
+
+    def heard(self, name: str, started_at_ns: int, pid: int, host: str, epoch: int, ready: bool) -> Heard:
+        """Record a heartbeat of a chunk node. Only the accepted process counts, and only once it
+        has joined this coordinator's epoch and matched its ring neighbours (until then it would
+        drop our activations)."""
+        out = Heard()
+        if name not in self.names:
+            return out
+        now = self.clock()
+        owner = self.owners.get(name)
+        if owner is None or (owner.started_at_ns != started_at_ns and now - owner.last_heard > self.timeout_s):
+            out.replaced = owner
+            owner = self.owners[name] = Instance(started_at_ns, pid, host, now, now)
+            self.impostors.pop(name, None)
+        elif owner.started_at_ns != started_at_ns:
+            other = self.impostors.get(name)
+            if other is None or other.started_at_ns != started_at_ns:
+                other = self.impostors[name] = Instance(started_at_ns, pid, host, now, now)
+            other.last_heard = now
+            if owner.last_heard >= other.first_heard:          # both alive, not a restart
+                out.impostor = (owner, other)
+            return out
+        owner.last_heard = now
+        why_not = ("it has not joined this coordinator's epoch: it does not hear the coordinator"
+                   if epoch != self.epoch else
+                   "its ring topics have not matched both neighbours yet" if not ready else None)
+        if why_not:
+            self.unready[name] = (now, f"its heartbeats arrive, but {why_not}")
+            return out
+        self.last_seen[name] = now
+        out.counted = True
+        return out
+
+    def members(self) -> tuple[list[str], list[int]]:
+        """(names, accepted process of each): announced in the coordinator's heartbeat, so that a
+        second process with a node's name knows to stay idle."""
+        names = [n for n in self.names if n in self.owners]
+        return names, [self.owners[n].started_at_ns for n in names]
+
+    def missing(self) -> list[str]:
+        now = self.clock()
+        return [n for n in self.names if now - self.last_seen.get(n, -1e18) > self.timeout_s]
+
+    def why_missing(self, name: str) -> str:
+        """What the coordinator last knew of a missing node, for the log."""
+        when, why = self.unready.get(name, (-1e18, ""))
+        if self.clock() - when <= self.timeout_s:
+            return why
+        return "no heartbeat arrives from it"
