@@ -8,8 +8,8 @@ from pathlib import Path
 
 from .core.config import ClusterConfig, default_config_path, load_config
 from .core.errors import ConfigError, RequestError
-from .core.models import DEFAULT_MODEL, PREPARED_MODELS, ModelError
-from .netlab import NetLabError
+from .core.models import DEFAULT_MODEL, MARKER, PREPARED_MODELS, ModelError
+from .tools.netlab import NetLabError
 
 
 def _err(msg: str) -> None:
@@ -77,7 +77,7 @@ def cmd_model(args) -> int:
     from .core.models import prepare_model, prepared_dir
     if args.action == "list":
         for name, spec in PREPARED_MODELS.items():
-            ready = (prepared_dir(name) / ".mdi-prepared.json").is_file()
+            ready = (prepared_dir(name) / MARKER).is_file()
             print(f"{name}\t{'prepared' if ready else 'not prepared'}\t{prepared_dir(name)}\t{spec.description}")
         return 0
     path = prepare_model(args.name, force=args.force)
@@ -117,6 +117,11 @@ def _generate_local(cfg: ClusterConfig, params, args) -> int:
     return 0
 
 
+def cmd_status(args) -> int:
+    from .tools.status import run_status
+    return run_status(_load(args), wait_ready_s=args.wait_ready, as_json=args.json)
+
+
 def cmd_cluster(args) -> int:
     from .launcher import run_cluster
     cfg = _load(args)
@@ -124,17 +129,17 @@ def cmd_cluster(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from .tools.demo import run_demo
     return run_demo(_load(args), clients=args.clients, max_new_tokens=args.max_new_tokens)
 
 
 def cmd_soak(args) -> int:
-    from .soak import soak_cluster
+    from .tools.soak import soak_cluster
     return soak_cluster(_load(args), duration_s=args.duration, clients=args.clients)
 
 
 def cmd_bench(args) -> int:
-    from .bench import run_bench
+    from .tools.bench import run_bench
 
     def ints(text):
         return [int(x) for x in text.split(",")] if text else None
@@ -155,7 +160,7 @@ def cmd_secret(args) -> int:
 
 
 def cmd_netlab(args) -> int:
-    from .netlab import main
+    from .tools.netlab import main
     return main(args)
 
 
@@ -185,6 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true", help="use the streaming action, print tokens as they come")
     p.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the service to appear")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("status", help="every node's heartbeat: host, layers, ready, requests, memory, drops")
+    p.add_argument("--config", help="cluster config YAML (default: config/cluster.yaml)")
+    p.add_argument("--wait-ready", type=float, metavar="SEC",
+                   help="first wait up to SEC seconds until the ring is complete (exit 1 if it is not)")
+    p.add_argument("--json", action="store_true", help="one JSON list instead of the table")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("cluster", help="start the ring's node processes from the config")
     p.add_argument("--config", help="cluster config YAML (default: config/cluster.yaml)")

@@ -28,8 +28,8 @@ from .convert import fill_request, result_from
 from .core.errors import ErrorCode, RequestError
 from .core.plan import service_name
 from .core.request import GenerateParams, GenerationResult, validate_params
+from .session import ros_session
 from .signing import is_sealed, seal_request
-from .spin import spin_resilient
 
 
 def _params(prompt: str | GenerateParams, kwargs: dict) -> GenerateParams | GenerationResult:
@@ -207,27 +207,6 @@ class GenerateClient:
         yield self._believed(result_future.result().result, nonce)
 
 
-class BackgroundSpin:
-    """Spin a node in a background thread; `close()` stops and joins it before rclpy shuts down
-    (a spin thread still inside rcl at interpreter exit aborts the process)."""
-
-    def __init__(self, node: Node) -> None:
-        from rclpy.executors import SingleThreadedExecutor
-        self.node = node
-        self.executor = SingleThreadedExecutor(context=node.context)
-        self.executor.add_node(node)
-        self.thread = threading.Thread(target=self._spin, name="ros-spin", daemon=True)
-        self.thread.start()
-
-    def _spin(self) -> None:
-        spin_resilient(self.executor, self.node.context, self.node.get_logger().warning)
-
-    def close(self) -> None:
-        self.executor.shutdown(timeout_sec=2.0)
-        self.thread.join(timeout=5.0)
-        self.node.destroy_node()
-
-
 def _wait_future(future, timeout_s: float) -> bool:
     """Wait for an rclpy future completed by the spin thread. Its done-callback may never run
     when the future completed before the callback was added, so the future itself is polled too."""
@@ -243,14 +222,7 @@ def _wait_future(future, timeout_s: float) -> bool:
 
 def run_cli_client(cfg, params: GenerateParams, *, stream: bool, wait_s: float) -> int:
     """`mdi-llm generate` over ROS: only the continuation on stdout, errors on stderr."""
-    import rclpy
-
-    from .core.config import apply_discovery_env
-    apply_discovery_env(cfg)             # same domain / discovery / transport as the cluster
-    rclpy.init()
-    node = rclpy.create_node(f"mdi_generate_client_{int(time.time() * 1000) % 10**9}")
-    spin = BackgroundSpin(node)
-    try:
+    with ros_session(f"mdi_generate_client_{int(time.time() * 1000) % 10**9}", cfg) as node:
         client = GenerateClient(node, cfg.namespace, cfg.key())
         ready = client.wait_for_action(wait_s) if stream else client.wait_for_service(wait_s)
         if not ready:
@@ -277,6 +249,3 @@ def run_cli_client(cfg, params: GenerateParams, *, stream: bool, wait_s: float) 
         sys.stdout.write("\n")
         print(result.summary(), file=sys.stderr)
         return 0
-    finally:
-        spin.close()
-        rclpy.try_shutdown()

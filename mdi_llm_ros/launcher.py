@@ -8,6 +8,7 @@ otherwise stops everything and exits non-zero when a node dies.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -18,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .core.config import ClusterConfig
-from .core.plan import COORDINATOR_JOINED, COORDINATOR_SILENT, load_plan
+from .core.liveness import EVENT_COORDINATOR_SILENT, EVENT_JOINED, EVENTS_FD_ENV
+from .core.plan import load_plan
 
 EXECUTABLES = {"coordinator": "coordinator_node", "chunk": "chunk_node"}
 MAX_DEAF_RESTARTS = 3   # in a row, for a respawned chunk node whose coordinator runs on another host
@@ -124,6 +126,22 @@ def clean_fastdds_segments(before: set[str]) -> list[str]:
 
 # --- process supervision ----------------------------------------------------------
 
+class LineBuffer:
+    """Where a Cluster writes its nodes' log lines when they are only shown if something fails."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def write(self, s: str) -> None:
+        self.lines.append(s)
+
+    def flush(self) -> None:
+        pass
+
+    def tail(self, n: int) -> str:
+        return "".join(self.lines[-n:])
+
+
 class Cluster:
     """Node processes of one host, supervised."""
 
@@ -158,10 +176,19 @@ class Cluster:
     def _pump(self, name: str, proc: subprocess.Popen) -> None:
         for line in proc.stdout:                       # type: ignore[union-attr]
             self._log(name, line)
-            if COORDINATOR_JOINED in line:
-                self.deaf_restarts[name] = 0
-            elif COORDINATOR_SILENT in line and self._deaf_after_respawn(name):
-                self._restart_deaf(name, proc)
+
+    def _events(self, name: str, proc: subprocess.Popen, fd: int) -> None:
+        """What the node tells us on its events pipe (JSON lines; see nodes.common.supervisor_event)."""
+        with os.fdopen(fd, "r", errors="replace") as pipe:
+            for line in pipe:
+                try:
+                    event = json.loads(line).get("event")
+                except ValueError:
+                    continue
+                if event == EVENT_JOINED:
+                    self.deaf_restarts[name] = 0
+                elif event == EVENT_COORDINATOR_SILENT and self._deaf_after_respawn(name):
+                    self._restart_deaf(name, proc)
 
     def _deaf_after_respawn(self, name: str) -> bool:
         """Whether to restart `name`, a chunk node that hears no coordinator: only a respawned one
@@ -202,11 +229,17 @@ class Cluster:
     def start_node(self, name: str) -> subprocess.Popen:
         spec = self.specs[name]
         cores = self.affinity.get(name)
-        proc = subprocess.Popen(spec.command(self.python), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, errors="replace", env={**self.env, **spec.env}, start_new_session=True,
-                                preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None)
+        events_r, events_w = os.pipe()
+        try:
+            proc = subprocess.Popen(spec.command(self.python), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True, errors="replace", start_new_session=True, pass_fds=(events_w,),
+                                    env={**self.env, **spec.env, EVENTS_FD_ENV: str(events_w)},
+                                    preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None)
+        finally:
+            os.close(events_w)
         self.procs[name] = proc
         threading.Thread(target=self._pump, args=(name, proc), daemon=True).start()
+        threading.Thread(target=self._events, args=(name, proc, events_r), daemon=True).start()
         return proc
 
     def start(self) -> None:

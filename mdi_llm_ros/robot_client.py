@@ -13,11 +13,10 @@ import sys
 import time
 from dataclasses import asdict
 
-import rclpy
-
-from .client import BackgroundSpin, GenerateClient
-from .core.config import apply_discovery_env, load_config
+from .client import GenerateClient
+from .core.config import load_config
 from .core.errors import ConfigError, ErrorCode
+from .session import ros_session
 
 
 def ask(node, prompt: str, namespace: str = "", ready_timeout_s: float = 120.0, key: bytes | None = None,
@@ -45,8 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chat", action="store_true", help="apply the chat template")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
     args = p.parse_args(argv)
-    namespace = args.namespace or ""
-    key = None
+    namespace, key, cfg = args.namespace or "", None, None
     if args.config:
         try:
             cfg = load_config(args.config)
@@ -54,27 +52,21 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as exc:
             print(f"{args.name}: {exc}", file=sys.stderr)
             return 2
-        apply_discovery_env(cfg)         # before rclpy.init: DDS reads them when the context starts
         namespace = cfg.namespace if args.namespace is None else args.namespace
-    rclpy.init()
-    node = rclpy.create_node(args.name)
-    spin = BackgroundSpin(node)
-    try:
+    with ros_session(args.name, cfg) as node:      # the config's domain and discovery settings apply
         t0 = time.monotonic()
-        result = ask(node, args.prompt, namespace, key=key, use_chat_template=args.chat,
-                     max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+        try:
+            result = ask(node, args.prompt, namespace, key=key, use_chat_template=args.chat,
+                         max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+        except TimeoutError as exc:
+            print(f"{args.name}: {exc}", file=sys.stderr)
+            return 1
         wall = time.monotonic() - t0
         if args.json:
             print(json.dumps({"robot": args.name, "prompt": args.prompt, "wall_s": wall, **asdict(result)}))
         else:
             print(result.text if result.success else f"{result.error_code}: {result.error_message}")
         return 0 if result.success else 1
-    except TimeoutError as exc:
-        print(f"{args.name}: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        spin.close()
-        rclpy.try_shutdown()
 
 
 if __name__ == "__main__":

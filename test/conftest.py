@@ -73,7 +73,7 @@ def _isolated_env(log_dir: Path, monkeypatch) -> dict[str, str]:
 def _spun_node(name: str):
     import rclpy
 
-    from mdi_llm_ros.client import BackgroundSpin
+    from mdi_llm_ros.session import BackgroundSpin
     context = rclpy.Context()
     rclpy.init(context=context)
     node = rclpy.create_node(name, context=context)
@@ -111,20 +111,46 @@ def module_ros_node(module_ros_env):
         yield node
 
 
-def wait_ring_ready(node, timeout: float, namespace: str = "") -> bool:
-    """Wait until the coordinator's heartbeat says the ring is complete (every chunk node joined)."""
-    from mdi_llm_ros.soak import StatusWatch
+def node_statuses(node, namespace: str = "", wait_s: float = 1.5, expect: int = 0) -> dict:
+    """The latest NodeStatus of every node heard within wait_s (longer, up to 5 s, until `expect` nodes)."""
+    from mdi_llm_ros.tools.status import StatusWatch
+    watch = StatusWatch(node, namespace)
+    try:
+        return watch.fresh(wait_s, expect=expect)
+    finally:
+        watch.close()
+
+
+def wait_for_status(node, check, timeout: float, namespace: str = "") -> dict | None:
+    """Watch the heartbeats until check(latest status per node name) holds; that dict, or None."""
+    from mdi_llm_ros.tools.status import StatusWatch
     watch = StatusWatch(node, namespace)
     try:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
-            coordinator = watch.latest.get("coordinator")
-            if coordinator is not None and coordinator.ready:
-                return True
+            latest = dict(watch.latest)
+            if check(latest):
+                return latest
             time.sleep(0.1)
-        return False
+        return None
     finally:
         watch.close()
+
+
+def wait_ring_ready(node, timeout: float, namespace: str = "") -> bool:
+    """Wait until the coordinator's heartbeat says the ring is complete (every chunk node joined)."""
+    return wait_for_status(node, lambda st: "coordinator" in st and st["coordinator"].ready, timeout,
+                           namespace) is not None
+
+
+def start_cluster(env: dict, cfg: Path, log: Path, *args: str, node=None, timeout: float = 90) -> Proc:
+    """`mdi-llm cluster --config cfg ARGS` in a process; with `node`, once the coordinator's heartbeat
+    says the ring is complete. The process remembers its config (`.config`)."""
+    proc = Proc([sys.executable, "-m", "mdi_llm_ros.cli", "cluster", "--config", str(cfg), *args], env, log)
+    proc.config = cfg
+    if node is not None:
+        assert wait_ring_ready(node, timeout), proc.output()
+    return proc
 
 
 def hf_greedy_text(model_dir, prompt: str, chat: bool, n: int) -> tuple[str, int]:

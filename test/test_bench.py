@@ -2,7 +2,8 @@
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mdi_llm_ros.bench import first_divergence, markdown, plot
+from mdi_llm_ros.tools.bench.baselines import first_divergence
+from mdi_llm_ros.tools.bench.report import markdown, plot
 
 
 def test_first_divergence_names_the_token_and_its_margin(tiny_dir):

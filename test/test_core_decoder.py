@@ -52,7 +52,7 @@ def test_native_layers_are_bit_identical_to_transformers_layers(arch, tiny_dirs,
     for step in range(1, 4):      # all three in one micro-batch, positions differ per row
         items = [(rid, step + (3 if rid == 0 else 0), n + step - 1, torch.randn(1, 1, 64, generator=gen))
                  for rid, n in enumerate(lengths)]
-        for a, b in zip(native.forward_decode_batch(items), reference.forward_decode_batch(items)):
+        for a, b in zip(native.forward_decode_batch(items), reference.forward_decode_batch(items), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
@@ -111,7 +111,7 @@ def test_sliding_window_models_match_transformers(arch, tmp_path, smol_dir, monk
                 items.append((rid, step, prompts[rid].shape[1] + step - 1, hf.model.embed_tokens(tok)))
                 nexts[rid] = (out.logits[:, -1:].argmax(-1), out.past_key_values)
             got = ex.forward_decode_batch(items) if step % 2 == 0 else [ex.forward(*it) for it in items]
-            for g, r in zip(got, refs):
+            for g, r in zip(got, refs, strict=True):
                 torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
     monkeypatch.setattr(chunk_module.DecoderSpec, "support", classmethod(lambda cls, cfg: (None, "test")))
     with pytest.raises(ModelError, match="sliding-window attention"):
@@ -156,7 +156,7 @@ def test_paged_cache_reuses_released_blocks_and_grows(tiny_dir):
     # decode of all twelve in one batch after growth == one by one on a fresh chunk rebuilt from the prompts
     items = [(rid, 1, 100, torch.randn(1, 1, 64, generator=gen)) for rid in prompts]
     batched = paged.forward_decode_batch(items)
-    for (rid, step, pos, h), b in zip(items, batched):
+    for (rid, step, pos, h), b in zip(items, batched, strict=True):
         fresh.forward(rid, 0, 0, prompts[rid])
         torch.testing.assert_close(b, fresh.forward(rid, step, pos, h), rtol=1e-5, atol=1e-5)
     assert paged.release_all() == 12 and paged.pool.blocks_in_use == 0

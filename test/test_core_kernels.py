@@ -12,8 +12,10 @@ from mdi_llm_ros.core.config import parse_config
 from mdi_llm_ros.core.coordinator_model import CoordinatorModel
 from mdi_llm_ros.core.errors import ActivationRejected, ConfigError
 from mdi_llm_ros.core.kernels import PackedHead, PackedLinear, packed_unsupported
-from mdi_llm_ros.core.models import ModelError, TensorReader, load_model_info
-from mdi_llm_ros.core.ring import PREFILL_BATCH_TOKENS, ChunkHandler, HopMessage, KIND_PREFILL
+from mdi_llm_ros.core.models import ModelError, load_model_info
+from mdi_llm_ros.core.weights import TensorReader
+from mdi_llm_ros.core.chunk_handler import PREFILL_BATCH_TOKENS, ChunkHandler
+from mdi_llm_ros.core.message import KIND_PREFILL, HopMessage
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,7 +79,7 @@ def test_packed_chunk_matches_exact_chunk(arch, tiny_dirs):
         torch.testing.assert_close(packed.forward(rid, 0, 0, x), exact.forward(rid, 0, 0, x), rtol=1e-4, atol=1e-4)
     for step in range(1, 4):
         items = [(rid, step, n + step - 1, torch.randn(1, 1, 64, generator=gen)) for rid, n in enumerate([9, 4])]
-        for a, b in zip(packed.forward_decode_batch(items), exact.forward_decode_batch(items)):
+        for a, b in zip(packed.forward_decode_batch(items), exact.forward_decode_batch(items), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
@@ -143,13 +145,13 @@ def test_batched_prefill_matches_one_by_one_and_decode_goes_on(tiny_dirs):
     prompts = [torch.randn(1, n, 64, generator=gen) for n in lengths]
     expected = [alone.forward(rid, 0, 0, x) for rid, x in enumerate(prompts)]
     got = batched.forward_prefill_batch([(rid, 0, 0, x) for rid, x in enumerate(prompts)])
-    for e, g in zip(expected, got):
+    for e, g in zip(expected, got, strict=True):
         assert g.shape == e.shape
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
     assert [batched.caches[rid].length for rid in range(4)] == lengths
     for step in range(1, 20):    # positions follow each prompt's own length; padding never shows
         items = [(rid, step, n + step - 1, torch.randn(1, 1, 64, generator=gen)) for rid, n in enumerate(lengths)]
-        for e, g in zip([alone.forward(*it) for it in items], batched.forward_decode_batch(items)):
+        for e, g in zip([alone.forward(*it) for it in items], batched.forward_decode_batch(items), strict=True):
             torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
 
 
@@ -159,7 +161,7 @@ def test_batched_prefill_under_a_sliding_window(tmp_path, smol_dir):
     alone, batched = ChunkExecutor(info, 0, 2), ChunkExecutor(info, 0, 2)
     prompts = [torch.randn(1, n, 64) for n in (15, 4, 9)]
     expected = [alone.forward(rid, 0, 0, x) for rid, x in enumerate(prompts)]
-    for e, g in zip(expected, batched.forward_prefill_batch([(rid, 0, 0, x) for rid, x in enumerate(prompts)])):
+    for e, g in zip(expected, batched.forward_prefill_batch([(rid, 0, 0, x) for rid, x in enumerate(prompts)]), strict=True):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
 
 

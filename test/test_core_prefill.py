@@ -13,7 +13,7 @@ from mdi_llm_ros.core.errors import ActivationRejected
 from mdi_llm_ros.core.local import LocalRing
 from mdi_llm_ros.core.models import load_model_info
 from mdi_llm_ros.core.plan import make_plan
-from mdi_llm_ros.core.ring import KIND_PREFILL
+from mdi_llm_ros.core.message import KIND_PREFILL
 
 LONG_PROMPT = ("A delivery robot leaves the charging dock, crosses the warehouse floor, avoids two forklifts "
                "and a pallet left in the aisle, waits at the fire door for a person to pass, takes the lift "
@@ -77,7 +77,7 @@ def test_batched_prefill_mixes_new_prompts_and_later_pieces(tiny_dir):
     items = [(1, 0, 9, torch.randn(1, 6, 64, generator=gen)), (2, 0, 0, torch.randn(1, 11, 64, generator=gen)),
              (3, 0, 0, torch.randn(1, 3, 64, generator=gen))]
     expected = [alone.forward(*item, prefill=True) for item in items]
-    for e, g in zip(expected, batched.forward_prefill_batch(items)):
+    for e, g in zip(expected, batched.forward_prefill_batch(items), strict=True):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
     assert [batched.caches[r].length for r in (1, 2, 3)] == [15, 11, 3]
 
@@ -157,7 +157,8 @@ def test_chunk_takes_decode_steps_first_and_merges_bursts_of_prompts():
     from collections import deque
     from types import SimpleNamespace as NS
 
-    from mdi_llm_ros.core.ring import KIND_DECODE, KIND_RELEASE, take_ring_work
+    from mdi_llm_ros.core.chunk_handler import take_ring_work
+    from mdi_llm_ros.core.message import KIND_DECODE, KIND_RELEASE
 
     def msg(*hops, tokens=8):
         return NS(hops=[NS(request_id=r, kind=k, shape=[1, tokens if k == KIND_PREFILL else 1, 64])

@@ -16,7 +16,7 @@ from mdi_llm_ros.core.local import LocalRing
 from mdi_llm_ros.core.models import load_model_info
 from mdi_llm_ros.core.plan import make_plan
 from mdi_llm_ros.core.request import GenerateParams, validate_params
-from mdi_llm_ros.core.ring import KIND_DECODE, KIND_RELEASE, HopMessage
+from mdi_llm_ros.core.message import KIND_DECODE, KIND_RELEASE, HopMessage
 
 CHUNKS = [{"name": "a", "layers": [0, 3]}, {"name": "b", "layers": [3, 6]}]
 PROMPTS = ["Hello robot", "The kitchen is", "Battery low, return to", "Map the room"]

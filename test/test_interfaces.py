@@ -16,10 +16,29 @@ pytestmark = pytest.mark.ros
 def test_interfaces_import():
     from mdi_llm_ros.action import Generate as GenerateAction  # noqa: F401  (import is the check)
     from mdi_llm_ros.msg import Activation, NodeStatus
-    from mdi_llm_ros.srv import Generate
-    assert Activation.KIND_PREFILL == 0 and Activation.KIND_RELEASE == 2
-    assert Generate.Request().max_new_tokens == 128 and Generate.Request().seed == -1
+    from mdi_llm_ros.srv import Generate  # noqa: F401  (import is the check)
+    from mdi_llm_ros.core.message import KIND_PREFILL, KIND_RELEASE
+    assert (Activation.KIND_PREFILL, Activation.KIND_RELEASE) == (KIND_PREFILL, KIND_RELEASE)
     assert "missing_nodes" in NodeStatus.get_fields_and_field_types()
+
+
+def test_the_interfaces_carry_the_request_contract_and_its_defaults():
+    """srv/Generate.srv and action/Generate.action hold every field of GenerateParams and
+    GenerationResult, with the same defaults: the contract's defaults live in one place."""
+    from mdi_llm_ros.action import Generate as GenerateAction
+    from mdi_llm_ros.convert import fill_request, params_from
+    from mdi_llm_ros.core.request import GenerationResult, defaults, field_names
+    from mdi_llm_ros.srv import Generate
+    contract = defaults()
+    for request in (Generate.Request(), GenerateAction.Goal()):
+        carried = params_from(request)
+        assert carried == contract, (carried, contract)
+        for name in field_names(type(contract)):
+            assert hasattr(request, name), name
+        assert params_from(fill_request(type(request)(), contract)) == contract
+    for result in (Generate.Response(), GenerateAction.Result()):
+        missing = [n for n in field_names(GenerationResult) if n != "token_ids" and not hasattr(result, n)]
+        assert not missing, missing
 
 
 @pytest.fixture
@@ -34,9 +53,10 @@ def peer(ros_env, tmp_path):
 
 
 def test_activation_1mb_arrives_bit_identical(peer, ros_node):
-    from mdi_llm_ros.core.ring import HopMessage
+    from mdi_llm_ros.core.message import HopMessage
     from mdi_llm_ros.msg import Activation
-    from mdi_llm_ros.nodes.common import RING_QOS, from_msg, to_msg
+    from mdi_llm_ros.nodes.common import from_msg, to_msg
+    from mdi_llm_ros.qos import RING_QOS
     got = []
     done = threading.Event()
     ros_node.create_subscription(Activation, "/itest/back", lambda m: (got.append(m), done.set()), RING_QOS)
@@ -83,7 +103,8 @@ def test_background_spin_survives_clients_made_while_it_spins(ros_env):
     while spinning, every spin thread is alive and its node's timer still fires."""
     import rclpy
 
-    from mdi_llm_ros.client import BackgroundSpin, GenerateClient
+    from mdi_llm_ros.client import GenerateClient
+    from mdi_llm_ros.session import BackgroundSpin
     context = rclpy.Context()
     rclpy.init(context=context)
     try:

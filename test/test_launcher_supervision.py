@@ -8,13 +8,15 @@ import time
 
 import pytest
 
-from mdi_llm_ros.core.plan import COORDINATOR_SILENT
 from mdi_llm_ros.launcher import Cluster, NodeSpec
 
-# A stand-in chunk node: counts its starts in a file and, on its first SILENT_STARTS, logs what a
-# real one logs when the coordinator stays silent; then it waits to be stopped.
+SAID = "(said it hears no coordinator)"
+# A stand-in chunk node: counts its starts in a file and, on its first SILENT_STARTS, tells the
+# launcher what a real one tells it when the coordinator stays silent (an event on the pipe in
+# MDI_EVENTS_FD; its log says something else); then it waits to be stopped.
 FAKE_CHUNK = f"""
 import os, pathlib, signal, sys, time
+from mdi_llm_ros.nodes.common import supervisor_event
 for sig in (signal.SIGINT, signal.SIGTERM):
     signal.signal(sig, lambda *_: sys.exit(0))
 starts = pathlib.Path(sys.argv[0]).with_name("starts.txt")
@@ -23,7 +25,8 @@ starts.write_text(str(n))
 print(f"start {{n}}", flush=True)
 if n <= int(os.environ["SILENT_STARTS"]):
     time.sleep(0.3)
-    print("[WARN] [b]: {COORDINATOR_SILENT} on /mdi/status for 10 s", flush=True)
+    supervisor_event("coordinator_silent", seconds=10.0)
+    print("{SAID}", flush=True)
 time.sleep(60)
 """
 FAKE_COORDINATOR = """
@@ -67,7 +70,7 @@ def test_a_respawned_chunk_node_that_hears_no_coordinator_is_restarted(tmp_path,
     cluster = _cluster(tmp_path, out, respawn=respawn)
     try:
         # A first start (the coordinator may still be loading) only logs that it hears none.
-        assert _run_until(cluster, out, COORDINATOR_SILENT), out.getvalue()
+        assert _run_until(cluster, out, SAID), out.getvalue()
         time.sleep(0.5)
         assert cluster.supervise_once() is None
         assert "restarting it" not in out.getvalue() and "respawning" not in out.getvalue()
@@ -94,7 +97,7 @@ def test_with_the_coordinator_on_another_host_a_deaf_node_is_restarted_three_tim
     out = io.StringIO()
     cluster = _cluster(tmp_path, out, respawn=True, coordinator=False, silent_starts=100)
     try:
-        assert _run_until(cluster, out, COORDINATOR_SILENT), out.getvalue()
+        assert _run_until(cluster, out, SAID), out.getvalue()
         os.kill(cluster.procs["b"].pid, signal.SIGKILL)
         last = f"respawning (restart {1 + MAX_DEAF_RESTARTS})"
         assert _run_until(cluster, out, last), out.getvalue()

@@ -24,13 +24,13 @@ TOKENS = 24
 
 
 def _probe():
-    from mdi_llm_ros.netlab import probe
+    from mdi_llm_ros.tools.netlab import probe
     return probe()
 
 
 @pytest.fixture
 def lab():
-    from mdi_llm_ros.netlab import NetLab, describe_probe, lab_namespaces
+    from mdi_llm_ros.tools.netlab import NetLab, describe_probe, lab_namespaces
     found = _probe()
     if not found["netns"]:
         pytest.skip(describe_probe(found))
@@ -48,6 +48,15 @@ def ask_from_client(lab, cfg, ros_env, prompt: str, chat: bool, name: str) -> su
     return subprocess.Popen(cmd, env=ros_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def ring_status(lab, cfg, ros_env, timeout: float) -> list[dict]:
+    """`mdi-llm status --wait-ready` on the client device: every node's heartbeat once the ring is complete."""
+    r = subprocess.run([*lab.exec_prefix("client"), sys.executable, "-m", "mdi_llm_ros.cli", "status", "--config",
+                        str(cfg), "--wait-ready", str(timeout), "--json"], env=ros_env, capture_output=True, text=True,
+                       timeout=timeout + 60)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 def answer(proc: subprocess.Popen, timeout: float = 240) -> dict:
     out, err = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, (out[-2000:], err[-3000:])
@@ -55,7 +64,7 @@ def answer(proc: subprocess.Popen, timeout: float = 240) -> dict:
 
 
 def test_three_robot_ring_over_veth_links(lab, ros_env, tmp_path, smol_dir):
-    from mdi_llm_ros.netlab import _pids
+    from mdi_llm_ros.tools.netlab import _pids
     references = {p: hf_greedy_text(smol_dir, p, chat, TOKENS) for p, chat in PROMPTS}
     cfg = write_config(
         tmp_path / "robots.yaml", "smollm2-135m-instruct",
@@ -66,8 +75,9 @@ def test_three_robot_ring_over_veth_links(lab, ros_env, tmp_path, smol_dir):
     robots = {h: Proc([*lab.exec_prefix(h), sys.executable, "-m", "mdi_llm_ros.cli", "cluster", "--config",
                        str(cfg), "--host", h], ros_env, tmp_path / f"{h}.log") for h in HOSTS[:3]}
     try:
-        assert robots["robot_a"].wait_for("ring complete", 120), robots["robot_a"].output()[-3000:]
-        assert "1 nodes" in robots["robot_b"].output() and "[chunk_1]" in robots["robot_b"].output()
+        rows = ring_status(lab, cfg, ros_env, 120)
+        assert {(r["name"], r["host"]) for r in rows} == {("coordinator", "robot_a"), ("chunk_0", "robot_a"),
+                                                          ("chunk_1", "robot_b"), ("chunk_2", "robot_c")}, rows
 
         # 1. one greedy request from the client robot: identical to transformers
         before = lab.counters()
@@ -88,7 +98,7 @@ def test_three_robot_ring_over_veth_links(lab, ros_env, tmp_path, smol_dir):
                                 capture_output=True, text=True).stdout
         assert "tbf" in qdiscs and "20Mbit" in qdiscs, qdiscs
         procs = [ask_from_client(lab, cfg, ros_env, p, chat, f"client_{i}") for i, (p, chat) in enumerate(PROMPTS * 2)]
-        for proc, (p, chat) in zip(procs, PROMPTS * 2):
+        for proc, (p, chat) in zip(procs, PROMPTS * 2, strict=True):
             r = answer(proc)
             assert r["success"] and (r["text"], r["generated_tokens"]) == references[p], r
     finally:
@@ -112,7 +122,7 @@ def test_static_peers_without_multicast(lab, ros_env, tmp_path, tiny_dir):
     robots = {h: Proc([*lab.exec_prefix(h), sys.executable, "-m", "mdi_llm_ros.cli", "cluster", "--config",
                        str(cfg), "--host", h], ros_env, tmp_path / f"{h}.log") for h in HOSTS[:3]}
     try:
-        assert robots["robot_a"].wait_for("ring complete", 90), robots["robot_a"].output()[-3000:]
+        ring_status(lab, cfg, ros_env, 90)
         out = subprocess.run([*lab.exec_prefix("client"), sys.executable, "-m", "mdi_llm_ros.cli", "generate",
                               "--config", str(cfg), "--max-new-tokens", "8", "--wait", "30", "Hello robots"],
                              env=ros_env, capture_output=True, text=True, timeout=120)

@@ -1,6 +1,7 @@
 """Reliability over real DDS processes: bad requests, bad activations, node loss, load, shutdown."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -11,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import Proc, write_config
+from conftest import node_statuses, start_cluster, wait_for_status, write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.ros]
 
@@ -19,12 +20,8 @@ CHUNKS = [{"name": "a", "layers": [0, 2]}, {"name": "b", "layers": [2, 4], "host
           {"name": "c", "layers": [4, 6]}]
 
 
-def start(ros_env, tmp_path, cfg, *args, name="cluster", ready=True):
-    proc = Proc([sys.executable, "-m", "mdi_llm_ros.cli", "cluster", "--config", str(cfg), *args], ros_env,
-                tmp_path / f"{name}.log")
-    if ready:
-        assert proc.wait_for("ring complete", 90), proc.output()
-    return proc
+def start(ros_env, tmp_path, cfg, *args, name="cluster", node=None):
+    return start_cluster(ros_env, cfg, tmp_path / f"{name}.log", *args, node=node)
 
 
 def reference(tiny_dir, prompt, n):
@@ -38,12 +35,6 @@ def reference(tiny_dir, prompt, n):
     ring = LocalRing(make_plan(parse_config({"model": {"name": str(tiny_dir)}, "chunks": [{"name": "x"}]}), info),
                      info)
     return ring.generate(GenerateParams(prompt, max_new_tokens=n)).text
-
-
-def statuses(node, namespace="", wait_s=1.5):
-    from mdi_llm_ros.soak import StatusWatch
-    watch = StatusWatch(node, namespace)
-    return watch.fresh(wait_s)
 
 
 BAD_REQUESTS = [
@@ -72,7 +63,7 @@ def test_bad_requests_answered_while_a_valid_one_completes(ros_env, tmp_path, ti
     from mdi_llm_ros.client import GenerateClient
     cfg = write_config(tmp_path / "c.yaml", tiny_dir, [{"name": "a"}, {"name": "b"}],
                        coordinator={"max_inflight": 2, "queue_limit": 1})
-    proc = start(ros_env, tmp_path, cfg)
+    proc = start(ros_env, tmp_path, cfg, node=ros_node)
     try:
         client = GenerateClient(ros_node)
         assert client.wait_for_service(30)
@@ -91,7 +82,7 @@ def test_bad_requests_answered_while_a_valid_one_completes(ros_env, tmp_path, ti
             f.start()
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            coord = statuses(ros_node, wait_s=0.3).get("coordinator")
+            coord = node_statuses(ros_node, wait_s=0.3).get("coordinator")
             if coord is not None and coord.requests_cached == 2 and coord.queue_depth == 1:
                 break
         busy = client.generate("one more", max_new_tokens=4, timeout_s=30)
@@ -107,9 +98,9 @@ def test_bad_requests_answered_while_a_valid_one_completes(ros_env, tmp_path, ti
 def test_not_ready_names_the_missing_node(ros_env, tmp_path, tiny_dir, ros_node):
     from mdi_llm_ros.client import GenerateClient
     cfg = write_config(tmp_path / "c.yaml", tiny_dir, CHUNKS)
-    proc = start(ros_env, tmp_path, cfg, "--host", "localhost", ready=False)
+    proc = start(ros_env, tmp_path, cfg, "--host", "localhost")
     try:
-        assert proc.wait_for("chunk nodes missing: b", 60) or proc.wait_for("waiting for chunk nodes", 60)
+        assert wait_for_status(ros_node, lambda st: {"coordinator", "a", "c"} <= set(st), 60), proc.output()
         client = GenerateClient(ros_node)
         assert client.wait_for_service(30)
         time.sleep(2)
@@ -117,6 +108,13 @@ def test_not_ready_names_the_missing_node(ros_env, tmp_path, tiny_dir, ros_node)
         assert r.error_code == "NOT_READY" and "b" in r.error_message.split("from", 1)[1], r
         items = list(client.stream("hello", max_new_tokens=4, timeout_s=30))
         assert len(items) == 1 and not items[0].success and "rejected" in items[0].error_message
+        # `mdi-llm status` says the same, from another process: b is missing (a and c wait for it)
+        st = subprocess.run([sys.executable, "-m", "mdi_llm_ros.cli", "status", "--config", str(cfg), "--wait-ready",
+                             "2", "--json"], env=ros_env, capture_output=True, text=True, timeout=60)
+        rows = {r["name"]: r for r in json.loads(st.stdout)}
+        assert st.returncode == 1 and "NOT_READY" in st.stderr and "b" in st.stderr.split("missing: ")[1], st
+        assert set(rows) == {"coordinator", "a", "c"} and "b" in rows["coordinator"]["missing"]
+        assert rows["a"]["layers"] == [0, 2] and rows["a"]["host"] == "localhost"
     finally:
         assert proc.stop() == 0
 
@@ -125,17 +123,18 @@ def test_malformed_activations_are_dropped_and_counted(ros_env, tmp_path, tiny_d
     import torch
 
     from mdi_llm_ros.client import GenerateClient
-    from mdi_llm_ros.core.ring import KIND_DECODE, HopMessage
+    from mdi_llm_ros.core.message import KIND_DECODE, HopMessage
     from mdi_llm_ros.msg import ActivationBatch
-    from mdi_llm_ros.nodes.common import RING_QOS, to_batch_msg
+    from mdi_llm_ros.nodes.common import to_batch_msg
+    from mdi_llm_ros.qos import RING_QOS
     cfg = write_config(tmp_path / "c.yaml", tiny_dir, [{"name": "a"}, {"name": "b"}, {"name": "c"}])
-    proc = start(ros_env, tmp_path, cfg)
+    proc = start(ros_env, tmp_path, cfg, node=ros_node)
     try:
         client = GenerateClient(ros_node)
         assert client.wait_for_service(30)
         first = client.generate("The robot", max_new_tokens=20)          # request 1, then released
         assert first.success
-        epoch = statuses(ros_node)["coordinator"].epoch
+        epoch = node_statuses(ros_node)["coordinator"].epoch
         pubs = [ros_node.create_publisher(ActivationBatch, f"/mdi/ring/hop_{h}", RING_QOS) for h in range(3)]
         time.sleep(1.0)
         good = dict(cluster="", epoch=epoch, request_id=10**6, step=1, first_position=5, kind=KIND_DECODE)
@@ -167,7 +166,7 @@ def test_malformed_activations_are_dropped_and_counted(ros_env, tmp_path, tiny_d
         t.join(120)
         assert [r.text for r in results["r"]] == [reference(tiny_dir, p, 40) for p in ("The robot", "Map the room")]
         time.sleep(1.0)
-        st = statuses(ros_node)
+        st = node_statuses(ros_node)
         assert {"a", "b", "c"} <= set(st)
         dropped = sum(st[n].messages_dropped for n in "abc")
         assert dropped == injected, {n: dict(zip(st[n].drop_causes, st[n].drop_counts)) for n in "abc"}
@@ -207,21 +206,21 @@ def _kill_b_during_requests(ros_env, tmp_path, tiny_dir, ros_node, respawn: bool
     from mdi_llm_ros.client import GenerateClient
     cfg = write_config(tmp_path / "c.yaml", tiny_dir, CHUNKS,
                        coordinator={"request_timeout_s": timeout_s, "heartbeat_timeout_s": 1.0})
-    main = start(ros_env, tmp_path, cfg, "--host", "localhost", name="main", ready=False)
+    main = start(ros_env, tmp_path, cfg, "--host", "localhost", name="main")
     robot_b = start(ros_env, tmp_path, cfg, "--host", "robot_b", *(["--respawn"] if respawn else []),
-                    name="robot_b", ready=False)
+                    name="robot_b", node=ros_node)
     try:
-        assert main.wait_for("ring complete", 90), main.output()
         client = GenerateClient(ros_node)
         assert client.wait_for_service(30)
         prompts = ["The robot", "Map the room", "Battery low, return to", "Once upon a time"]
         threads, results = streams_under_way(client, prompts, 300, 120)
-        b_pid = int(robot_b.output().split("b (pid ")[1].split(")")[0])
+        b_pid = node_statuses(ros_node, expect=4)["b"].pid
         killed_at = time.monotonic()
         os.kill(b_pid, signal.SIGKILL)
         for t in threads:
             t.join(120)
-        return prompts, results, time.monotonic() - killed_at, main, robot_b
+        after = node_statuses(ros_node, expect=4 if respawn else 3).get("b")
+        return prompts, results, time.monotonic() - killed_at, b_pid, after
     finally:
         main.stop()
         robot_b.stop()
@@ -230,16 +229,16 @@ def _kill_b_during_requests(ros_env, tmp_path, tiny_dir, ros_node, respawn: bool
 def test_killed_chunk_node_restarted_requests_continue(ros_env, tmp_path, tiny_dir, ros_node):
     # 300 tokens each, and a node down for a few seconds: a generous request_timeout_s (on a loaded
     # machine 12 s was once too short to finish)
-    prompts, results, _, main, robot_b = _kill_b_during_requests(ros_env, tmp_path, tiny_dir, ros_node, True, 40)
-    assert "respawning" in robot_b.output()
-    assert "replayed the history of" in main.output(), main.output()[-3000:]
-    for p, r in zip(prompts, results):
+    prompts, results, _, b_pid, b_after = _kill_b_during_requests(ros_env, tmp_path, tiny_dir, ros_node, True, 40)
+    assert b_after is not None and b_after.pid != b_pid and b_after.ready       # a new process serves as b
+    for p, r in zip(prompts, results, strict=True):
         assert r is not None and r.success, r
         assert r.text == reference(tiny_dir, p, 300)
 
 
 def test_killed_chunk_node_not_restarted_requests_fail_node_lost(ros_env, tmp_path, tiny_dir, ros_node):
-    prompts, results, waited, main, robot_b = _kill_b_during_requests(ros_env, tmp_path, tiny_dir, ros_node, False, 12)
+    prompts, results, waited, _, b_after = _kill_b_during_requests(ros_env, tmp_path, tiny_dir, ros_node, False, 12)
+    assert b_after is None
     assert all(r is not None and r.error_code == "NODE_LOST" and "b" in r.error_message for r in results), results
     assert waited < 12 + 5                                          # within request_timeout_s (+ poll slack)
 
@@ -251,26 +250,27 @@ def test_killed_coordinator_restarted_chunks_drop_old_caches(ros_env, tmp_path, 
     from mdi_llm_ros.client import GenerateClient
     chunks = [{"name": "a", "layers": [0, 3]}, {"name": "b", "layers": [3, 6]}]
     cfg = write_config(tmp_path / "c.yaml", tiny_dir, chunks, coordinator={"host": "base"})
-    robots = start(ros_env, tmp_path, cfg, "--host", "localhost", name="chunks", ready=False)
-    base = start(ros_env, tmp_path, cfg, "--host", "base", name="base")
+    robots = start(ros_env, tmp_path, cfg, "--host", "localhost", name="chunks")
+    base = start(ros_env, tmp_path, cfg, "--host", "base", name="base", node=ros_node)
     base2 = None
     try:
         client = GenerateClient(ros_node)
         assert client.wait_for_service(30)
         threads, results = streams_under_way(client, ["The robot", "Map the room"], 400, 15)
-        old_epoch = statuses(ros_node)["coordinator"].epoch
-        os.kill(int(base.output().split("coordinator (pid ")[1].split(")")[0]), signal.SIGKILL)
+        before = node_statuses(ros_node, expect=3)
+        assert all(before[n].requests_cached == 2 for n in "ab"), before
+        os.kill(before["coordinator"].pid, signal.SIGKILL)
         for t in threads:
             t.join(60)
         assert all(r is not None and not r.success and r.error_code == "TIMEOUT" for r in results), results
-        assert base.wait_for("stopping the other nodes", 15), base.output()
+        base.p.wait(15)
         assert base.stop() != 0                                  # the launcher reports the death
 
-        base2 = start(ros_env, tmp_path, cfg, "--host", "base", name="base2")
-        st = statuses(ros_node)
-        assert st["coordinator"].epoch != old_epoch
-        assert all(st[n].epoch == st["coordinator"].epoch and st[n].requests_cached == 0 for n in "ab"), st
-        assert robots.output().count("caches of the previous epoch") == 2, robots.output()[-3000:]
+        base2 = start(ros_env, tmp_path, cfg, "--host", "base", name="base2", node=ros_node)
+        st = wait_for_status(ros_node, lambda st: "coordinator" in st and all(
+            n in st and st[n].epoch == st["coordinator"].epoch for n in "ab"), 15)
+        assert st is not None and st["coordinator"].epoch != before["coordinator"].epoch
+        assert all(st[n].requests_cached == 0 for n in "ab"), st      # the dead epoch's caches are gone
         r = client.generate("The robot", max_new_tokens=30)
         assert r.success and r.text == reference(tiny_dir, "The robot", 30)
     finally:
@@ -295,7 +295,7 @@ def test_sigterm_answers_waiting_clients_and_leaves_nothing(ros_env, tmp_path, t
     from mdi_llm_ros.launcher import fastdds_segments, stale_fastdds_segments
     before = fastdds_segments()
     cfg = write_config(tmp_path / "c.yaml", tiny_dir, [{"name": "a"}, {"name": "b"}])
-    proc = start(ros_env, tmp_path, cfg)
+    proc = start(ros_env, tmp_path, cfg, node=ros_node)
     client = GenerateClient(ros_node)
     assert client.wait_for_service(30)
     out = {}
@@ -307,8 +307,7 @@ def test_sigterm_answers_waiting_clients_and_leaves_nothing(ros_env, tmp_path, t
     proc.p.wait(30)
     t.join(30)
     assert out["r"].error_code == "SHUTTING_DOWN", out
-    assert proc.p.returncode == 0, proc.output()[-2000:]
-    assert "coordinator exit 0" in proc.output() and "a exit 0" in proc.output()
+    assert proc.p.returncode == 0, proc.output()[-2000:]         # every node exited cleanly
     left = subprocess.run(["pgrep", "-f", str(cfg)], capture_output=True, text=True).stdout.strip()
     assert left == "", left
     leaked = stale_fastdds_segments(before)

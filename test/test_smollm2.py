@@ -8,7 +8,7 @@ from mdi_llm_ros.core.request import GenerateParams
 from mdi_llm_ros.core.local import LocalRing
 from mdi_llm_ros.core.models import MARKER, load_model_info, prepare_model
 from mdi_llm_ros.core.plan import make_plan
-from mdi_llm_ros.core.ring import KIND_PREFILL
+from mdi_llm_ros.core.message import KIND_PREFILL
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from conftest import Proc, hf_greedy_text, wait_ring_ready, write_config
+from conftest import Proc, hf_greedy_text, start_cluster, write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.ros]
 
@@ -32,10 +32,7 @@ def cluster(module_ros_env, module_ros_node, tmp_path_factory, smol_dir):
     cfg = write_config(tmp / "cluster.yaml", "smollm2-135m-instruct",
                        [{"name": "chunk_0"}, {"name": "chunk_1"}, {"name": "chunk_2"}],
                        coordinator={"request_timeout_s": 30})
-    proc = Proc([sys.executable, "-m", "mdi_llm_ros.cli", "cluster", "--config", str(cfg)], module_ros_env,
-                tmp / "cluster.log")
-    assert wait_ring_ready(module_ros_node, 120), proc.output()
-    proc.config = cfg
+    proc = start_cluster(module_ros_env, cfg, tmp / "cluster.log", node=module_ros_node, timeout=120)
     yield proc
     assert proc.stop() == 0, proc.output()[-3000:]
 
@@ -49,7 +46,7 @@ def client(cluster, module_ros_node):
 
 
 def statuses(node, wait_s=1.5):
-    from mdi_llm_ros.soak import StatusWatch
+    from mdi_llm_ros.tools.status import StatusWatch
     watch = StatusWatch(node, "")
     try:
         return watch.fresh(wait_s, expect=4)
@@ -108,7 +105,7 @@ def test_nul_in_a_prompt_or_stop_string_is_refused(client):
 
 def _ring_publisher(node, hop):
     from mdi_llm_ros.msg import ActivationBatch
-    from mdi_llm_ros.nodes.common import RING_QOS
+    from mdi_llm_ros.qos import RING_QOS
     pub = node.create_publisher(ActivationBatch, f"/mdi/ring/hop_{hop}", RING_QOS)
     time.sleep(1.0)                                  # matched before the first message
     return pub
@@ -117,7 +114,7 @@ def _ring_publisher(node, hop):
 def test_forged_prefills_never_lock_out_real_requests(client, module_ros_node, references):
     """70 forged prefills (ids the coordinator never gave, the right epoch read off /mdi/status) while
     four requests run: every chunk would hold 64 caches of them; real requests get their caches."""
-    from mdi_llm_ros.core.ring import KIND_PREFILL, HopMessage
+    from mdi_llm_ros.core.message import KIND_PREFILL, HopMessage
     from mdi_llm_ros.nodes.common import to_batch_msg
     epoch = statuses(module_ros_node)["coordinator"].epoch
     pub = _ring_publisher(module_ros_node, 0)
@@ -142,7 +139,7 @@ def test_forged_prefills_never_lock_out_real_requests(client, module_ros_node, r
 
 def test_a_forged_epoch_heartbeat_wipes_nothing(client, module_ros_node, references):
     from mdi_llm_ros.msg import NodeStatus
-    from mdi_llm_ros.nodes.common import STATUS_QOS
+    from mdi_llm_ros.qos import STATUS_QOS
     before = statuses(module_ros_node)
     epoch = before["coordinator"].epoch
     pub = module_ros_node.create_publisher(NodeStatus, "/mdi/status", STATUS_QOS)
@@ -186,9 +183,10 @@ def test_an_impostor_chunk_is_named_and_ignored(cluster, client, module_ros_env,
 def test_a_forged_release_ends_its_request_at_once_and_slows_no_other(client, module_ros_node, references):
     """A forged release for a request in flight (its id sniffed off the ring) frees its caches: the
     request ends with RING_FAULT at once, and the requests of its wave finish in their usual time."""
-    from mdi_llm_ros.core.ring import KIND_DECODE, KIND_RELEASE, HopMessage
+    from mdi_llm_ros.core.message import KIND_DECODE, KIND_RELEASE, HopMessage
     from mdi_llm_ros.msg import ActivationBatch
-    from mdi_llm_ros.nodes.common import RING_QOS, to_batch_msg
+    from mdi_llm_ros.nodes.common import to_batch_msg
+    from mdi_llm_ros.qos import RING_QOS
     epoch = statuses(module_ros_node)["coordinator"].epoch
     pub = _ring_publisher(module_ros_node, 0)
     t0 = time.monotonic()
@@ -212,7 +210,7 @@ def test_a_forged_release_ends_its_request_at_once_and_slows_no_other(client, mo
     module_ros_node.destroy_publisher(pub)
     faults = [r for r in results if r.error_code == "RING_FAULT"]
     assert len(faults) == 1 and "release" in faults[0].error_message, results
-    ok = [(p, r) for p, r in zip(PROMPTS, results) if r.success]
+    ok = [(p, r) for p, r in zip(PROMPTS, results, strict=True) if r.success]
     assert len(ok) == 3 and all(r.text == references[p] for p, r in ok)
     assert all(r.success for r in undisturbed)
     assert took < usual * 2 + 3, (took, usual)

@@ -3,14 +3,13 @@ UNAUTHORIZED, and forged, replayed or stale ring traffic and heartbeats are drop
 change no text."""
 from __future__ import annotations
 
-import sys
 import threading
 import time
 
 import pytest
 import torch
 
-from conftest import Proc, wait_ring_ready, write_config
+from conftest import start_cluster, write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.ros]
 
@@ -35,10 +34,7 @@ def cluster(module_ros_env, module_ros_node, tmp_path_factory, tiny_dir, key_fil
     tmp = tmp_path_factory.mktemp("auth")
     cfg = write_config(tmp / "c.yaml", tiny_dir, [{"name": "a"}, {"name": "b"}, {"name": "c"}],
                        cluster={"secret_file": str(key_file)}, coordinator={"request_timeout_s": 30})
-    proc = Proc([sys.executable, "-m", "mdi_llm_ros.cli", "cluster", "--config", str(cfg)], module_ros_env,
-                tmp / "cluster.log")
-    assert wait_ring_ready(module_ros_node, 90), proc.output()
-    proc.config = cfg
+    proc = start_cluster(module_ros_env, cfg, tmp / "cluster.log", node=module_ros_node)
     yield proc
     assert proc.stop() == 0, proc.output()[-3000:]
 
@@ -50,7 +46,7 @@ def references(tiny_dir):
 
 
 def statuses(node):
-    from mdi_llm_ros.soak import StatusWatch
+    from mdi_llm_ros.tools.status import StatusWatch
     watch = StatusWatch(node, "")
     try:
         return watch.fresh(1.5, expect=4)
@@ -110,9 +106,10 @@ def test_forged_replayed_and_stale_traffic_is_dropped_counted_and_changes_nothin
     """During four requests: forged activations, releases and a forged epoch heartbeat without the
     key, a sniffed ring message sent again, and one sealed with the key but a minute old."""
     from mdi_llm_ros.client import GenerateClient
-    from mdi_llm_ros.core.ring import KIND_DECODE, KIND_PREFILL, KIND_RELEASE, HopMessage
+    from mdi_llm_ros.core.message import KIND_DECODE, KIND_PREFILL, KIND_RELEASE, HopMessage
     from mdi_llm_ros.msg import ActivationBatch, NodeStatus
-    from mdi_llm_ros.nodes.common import RING_QOS, STATUS_QOS, to_batch_msg
+    from mdi_llm_ros.nodes.common import to_batch_msg
+    from mdi_llm_ros.qos import RING_QOS, STATUS_QOS
     from mdi_llm_ros.signing import seal
     before = statuses(module_ros_node)
     epoch = before["coordinator"].epoch

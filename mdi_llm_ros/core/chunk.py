@@ -19,7 +19,8 @@ from .decoder import NATIVE_MODEL_TYPES, DecoderSpec, DecoderStack
 from .errors import ActivationRejected
 from .kernels import check_kernels, pack_linears
 from .kvcache import BLOCK_TOKENS, KVBatch, KVPool, RequestKVCache
-from .models import ModelError, ModelInfo, TensorReader, meta_model
+from .models import ModelError, ModelInfo
+from .weights import TensorReader, meta_model
 
 
 @dataclass
@@ -83,12 +84,9 @@ class ChunkExecutor:
             self.rotary = type(skeleton.model.rotary_emb)(config=info.config).to(self.device)
             self.native = None
             layers.to_empty(device=self.device)
-        # Native layers stay on the meta device until their tensors are assigned: allocating
-        # empty parameters first added ~35 MB to the chunk's resident memory (SmolLM2, 15 layers).
-        # One layer at a time. Packed kernels read each layer into one reused buffer and pack
-        # it before reading the next: the plain and the packed copy of the weights are never
-        # both held for more than one layer, and no freed plain tensors are left as holes in
-        # the heap (fresh tensors per layer cost the node ~30 MB more resident memory).
+        # One layer at a time, assigned straight to the meta modules (no empty parameters first);
+        # packed kernels read each layer into one reused buffer and pack it before the next, so
+        # plain and packed copies never coexist beyond one layer (docs/performance.md: memory).
         layer_names = [{k: f"model.layers.{start + j}.{k}" for k in layer.state_dict()}
                        for j, layer in enumerate(layers)]
         buffer = None
@@ -96,7 +94,7 @@ class ChunkExecutor:
             buffer = torch.empty(max(self.reader.stored_bytes(names.values()) for names in layer_names),
                                  dtype=torch.uint8)
         self.parameter_bytes = 0
-        for layer, names in zip(layers, layer_names):
+        for layer, names in zip(layers, layer_names, strict=True):
             tensors = self.reader.read(names.values(), self.dtype, str(self.device), buffer=buffer)
             self.parameter_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
             layer.load_state_dict({k: tensors[n] for k, n in names.items()}, strict=True, assign=True)
@@ -107,11 +105,8 @@ class ChunkExecutor:
         self.layers = layers.eval()
         if self.native is not None:
             self.native.eval()
-        # On the CPU a pool's untouched blocks cost no resident memory (they are allocated
-        # empty and zeroed when handed out), so it starts with room for 256 positions per
-        # request and rarely grows: each doubling copied every layer's pool and left the old
-        # ones as holes in the heap (~20 MB of a K=1 chunk's peak with 16 requests).
-        # Elsewhere (GPU memory is committed when allocated) it starts small and grows.
+        # A CPU pool's untouched blocks cost no resident memory, so it starts large and rarely
+        # doubles (each doubling leaves heap holes); GPU memory is committed when allocated.
         blocks = max(64, max_cached_requests * 256 // BLOCK_TOKENS) if self.device.type == "cpu" else 64
         self.pool = KVPool(start, end - start, device=self.device, dtype=self.dtype, blocks=blocks)
 
@@ -219,7 +214,7 @@ class ChunkExecutor:
                 x = layer(x, attention_mask=mask, position_ids=position_ids, cache=kv,
                           use_cache=True, position_embeddings=position_embeddings)
         now = time.monotonic()
-        for cache, step, length in zip(caches, steps, kv.lengths):
+        for cache, step, length in zip(caches, steps, kv.lengths, strict=True):
             cache.length, cache.last_step, cache.last_used = length, step, now
         self.stats.tokens_processed += batch * seq
         return x

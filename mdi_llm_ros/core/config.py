@@ -15,9 +15,9 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .formats import DTYPE_BYTES, KERNELS
+from .request import defaults as request_defaults
 
-DTYPE_CHOICES = ("float32", "bfloat16", "float16")
-KERNEL_CHOICES = ("exact", "packed")   # as core.kernels.KERNELS (config stays free of torch)
 DISCOVERY_RANGES = ("SUBNET", "LOCALHOST", "OFF", "SYSTEM_DEFAULT")
 # cluster.transport -> FASTDDS_BUILTIN_TRANSPORTS ("default": leave Fast DDS's own choice)
 TRANSPORTS = {"default": None, "udp": "UDPv4", "shm": "SHM", "large_data": "LARGE_DATA"}
@@ -25,14 +25,17 @@ PLACEMENTS = ("weight", "memory", "speed")
 DEFAULT_CONFIG_NAME = "cluster.yaml"
 
 
+_REQUEST = request_defaults()   # the request contract's defaults (srv/Generate.srv carries the same; tested)
+
+
 @dataclass(frozen=True)
 class SamplingDefaults:
-    """Sampling used by the CLI clients when a flag is omitted."""
+    """Sampling used by the CLI clients when a flag is omitted (coordinator.defaults)."""
 
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
+    max_new_tokens: int = _REQUEST.max_new_tokens
+    temperature: float = _REQUEST.temperature
+    top_k: int = _REQUEST.top_k
+    top_p: float = _REQUEST.top_p
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,7 @@ class ModelConfig:
     name: str                      # prepared model name or local Hugging Face folder
     dtype: str = "float32"
     max_context: int | None = None  # None: the model's max_position_embeddings
-    kernels: str = "exact"          # core.kernels.KERNELS: exact (bit-identical to transformers) | packed
+    kernels: str = "exact"          # core.formats.KERNELS: exact (bit-identical to transformers) | packed
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,7 @@ class CoordinatorConfig:
     ready_timeout_s: float = 120.0
     threads: int | None = None
     memory_mb: float | None = None         # declared memory budget for embedding + head (+ layers)
-    waves: int | None = None               # None: auto (plan.default_waves); 0: off
+    waves: int | None = None               # None: auto (ClusterPlan.waves); 0: off
     prefill_chunk_tokens: int = 256        # longer prompts are prefilled in pieces of this many tokens; 0: whole
     defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
 
@@ -236,11 +239,11 @@ def parse_config(data: Any, source: str = "<dict>") -> ClusterConfig:
 
     m = _check_keys(top["model"], "model", {"name", "dtype", "max_context", "kernels"}, {"name"})
     dtype = m.get("dtype", "float32")
-    if dtype not in DTYPE_CHOICES:
-        raise ConfigError(f"model.dtype: {dtype!r} is not supported; use one of {', '.join(DTYPE_CHOICES)}")
+    if dtype not in tuple(DTYPE_BYTES):
+        raise ConfigError(f"model.dtype: {dtype!r} is not supported; use one of {', '.join(tuple(DTYPE_BYTES))}")
     kernels = m.get("kernels", "exact")
-    if kernels not in KERNEL_CHOICES:
-        raise ConfigError(f"model.kernels: {kernels!r} is not a choice; use one of {', '.join(KERNEL_CHOICES)}")
+    if kernels not in KERNELS:
+        raise ConfigError(f"model.kernels: {kernels!r} is not a choice; use one of {', '.join(KERNELS)}")
     if kernels == "packed" and dtype != "float32":
         raise ConfigError(f"model.kernels: packed computes float32 only; set model.dtype: float32 "
                           f"(is {dtype}) or model.kernels: exact")
@@ -258,11 +261,11 @@ def parse_config(data: Any, source: str = "<dict>") -> ClusterConfig:
             f"got {list(coord_layers)}")
     d = _check_keys(c.get("defaults", {}) or {}, "coordinator.defaults",
                     {"max_new_tokens", "temperature", "top_k", "top_p"})
-    defaults = SamplingDefaults(
-        max_new_tokens=_int(d, "max_new_tokens", "coordinator.defaults", 128, minimum=1),
-        temperature=_float(d, "temperature", "coordinator.defaults", 0.0, minimum=0.0),
-        top_k=_int(d, "top_k", "coordinator.defaults", 0, minimum=0),
-        top_p=_float(d, "top_p", "coordinator.defaults", 1.0, positive=True, maximum=1.0))
+    sampling = SamplingDefaults(
+        max_new_tokens=_int(d, "max_new_tokens", "coordinator.defaults", _REQUEST.max_new_tokens, minimum=1),
+        temperature=_float(d, "temperature", "coordinator.defaults", _REQUEST.temperature, minimum=0.0),
+        top_k=_int(d, "top_k", "coordinator.defaults", _REQUEST.top_k, minimum=0),
+        top_p=_float(d, "top_p", "coordinator.defaults", _REQUEST.top_p, positive=True, maximum=1.0))
     coordinator = CoordinatorConfig(
         host=_name(c, "host", "coordinator", "localhost"),
         device=_device(c, "coordinator", "cpu"),
@@ -276,7 +279,7 @@ def parse_config(data: Any, source: str = "<dict>") -> ClusterConfig:
         memory_mb=_float(c, "memory_mb", "coordinator", None, positive=True),
         waves=_int(c, "waves", "coordinator", None, minimum=0),
         prefill_chunk_tokens=_int(c, "prefill_chunk_tokens", "coordinator", 256, minimum=0),
-        defaults=defaults)
+        defaults=sampling)
 
     raw_chunks = top["chunks"]
     if not isinstance(raw_chunks, list) or not raw_chunks:

@@ -17,7 +17,8 @@ from .codec import DTYPES
 from .decoder import NATIVE_MODEL_TYPES, RMSNorm
 from .errors import ErrorCode, RequestError
 from .kernels import PackedHead, check_kernels
-from .models import ModelInfo, TensorReader, meta_model
+from .models import ModelInfo
+from .weights import TensorReader, meta_model
 
 # Stands for the user's text while the chat template is rendered (never tokenized itself).
 _CONTENT = "\uE000mdi-user-content\uE000"

@@ -1,8 +1,8 @@
 """Llama-family decoder layers of our own, so chunk nodes need no `transformers`.
 
-Importing transformers' config and modelling code costs every chunk process about
-95 MB of resident memory and adds Python overhead on each layer call (attention
-dispatch, cache protocol, mask helpers). The Llama, Mistral, Qwen2 and Qwen3 decoder
+Importing transformers' config and modelling code costs every chunk process resident
+memory and adds Python overhead on each layer call (attention dispatch, cache protocol,
+mask helpers). The Llama, Mistral, Qwen2 and Qwen3 decoder
 layers are small: this module computes them with the same torch operations in the
 same order as transformers 5 does with `attn_implementation="sdpa"`, so a single
 request's hidden states are bit-identical to `transformers` (tested), and uses the
@@ -232,8 +232,8 @@ class DecoderStack(nn.Module):
         self.spec = spec
         self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(start, end))
         with torch.device("cpu"):
-            # computed, not loaded, so never built on the meta device: meta kernels for `**`
-            # import sympy and mpmath, ~75 MB of resident memory in every chunk process
+            # computed, not loaded, so never built on the meta device (whose kernels for `**`
+            # import sympy and mpmath into every chunk process)
             self.rotary = Rotary(spec)
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor, kv: KVBatch,

@@ -6,14 +6,12 @@ are bit-identical to `transformers` (tested).
 
 packed: every weight is reordered once, at load, into oneDNN's blocked layout and
 multiplied with oneDNN. The reordered copy replaces the plain one, so memory is the
-same. On the project's 2-core CPU a micro-batch of 8 through 15 SmolLM2 layers takes
-24 instead of 35 ms, and the LM head for 8 requests 8.5 instead of 19.5 ms: the plain
-path re-reads the weights in a layout that suits small batches badly. The price is
-the summation order: results differ from `transformers` in the last bits, for lone
-requests too, so greedy tokens match `transformers` only where the top two logits are
-not within that noise of each other (`mdi-llm bench` checks and reports it). In
-exchange, a row's result no longer depends on which other rows share its matmul:
-oneDNN computes every row of a packed weight the same way for any batch size.
+same, and small batches read it faster than the plain layout (docs/performance.md).
+The price is the summation order: results differ from `transformers` in the last
+bits, for lone requests too, so greedy tokens match `transformers` only where the top
+two logits are not within that noise of each other (`mdi-llm bench` checks and reports
+it). In exchange, a row's result no longer depends on which other rows share its
+matmul: oneDNN computes every row of a packed weight the same way for any batch size.
 """
 from __future__ import annotations
 
@@ -22,9 +20,9 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .formats import KERNELS
 from .models import ModelError
 
-KERNELS = ("exact", "packed")
 # The batch size oneDNN picks the weight layout for; every batch size works with it,
 # and with this hint a row's result is the same for any batch (tested).
 PACK_BATCH_HINT = 8
@@ -77,9 +75,8 @@ class PackedLinear(nn.Module):
         padded = row_bucket(rows)
         if padded == rows:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        # Every distinct row count compiles (and keeps) oneDNN kernels of its own: prompts of
-        # many lengths grew a chunk node by ~30 MB. Padded rows leave the real rows' results
-        # unchanged (each row is computed the same way for any row count).
+        # Each distinct row count compiles (and keeps) oneDNN kernels of its own, so rows are
+        # padded to a few sizes; padding leaves the real rows' results unchanged.
         flat = x.new_zeros((padded, self.in_features))
         flat[:rows] = x.reshape(rows, self.in_features)
         out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")[:rows]
@@ -93,10 +90,8 @@ class PackedHead(nn.Module):
     """A large output layer (vocab, hidden), packed a block of rows at a time.
 
     Only one block's plain rows are in memory next to the packed ones while it loads, and
-    every block is read into the same buffer: packing the whole LM head at once held both
-    copies (+113 MB peak for SmolLM2), and a fresh buffer per block left freed holes in
-    the heap (+57 MB). The blocks' outputs are the same numbers as one packed matmul's
-    (oneDNN computes each output column on its own; tested).
+    every block is read into the same buffer (no second copy of the head, no heap holes).
+    The blocks' outputs are the same numbers as one packed matmul's (tested).
     """
 
     BLOCK_ROWS = 8192

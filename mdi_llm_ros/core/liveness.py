@@ -14,6 +14,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 EPOCH_CONFIRMATIONS = 2      # heartbeats of a new epoch before a chunk follows it
+# What a node tells the launcher that started it: JSON lines on the pipe in MDI_EVENTS_FD.
+EVENTS_FD_ENV = "MDI_EVENTS_FD"
+EVENT_JOINED = "joined"                           # a chunk joined a coordinator's epoch
+EVENT_COORDINATOR_SILENT = "coordinator_silent"   # a chunk has heard no coordinator for a while
 
 
 @dataclass
@@ -142,3 +146,75 @@ class ChunkLiveness:
         if self.clock() - when <= self.timeout_s:
             return why
         return "no heartbeat arrives from it"
+
+
+MISSING_REPORT_HEARTBEATS = 10   # while chunk nodes stay missing, say why every 10 heartbeat timeouts
+IMPOSTOR_REPORT_S = 10.0         # two processes that claim one node name: said at most this often
+RING_COMPLETE = "ring complete: all chunk nodes are up; ready"
+
+
+@dataclass
+class RingCheck:
+    """What one check of the ring decided: lines to log (level, text), and whether the requests
+    in flight must be replayed (a node that was missing is back: its caches are gone)."""
+
+    log: list[tuple[str, str]] = field(default_factory=list)
+    replay_for: list[str] = field(default_factory=list)     # the nodes that came back
+
+
+class RingWatch:
+    """The coordinator's view of the ring's health, from heartbeats: which chunk nodes are
+    missing and why, when to say so again, and when to replay the requests in flight."""
+
+    def __init__(self, names: list[str], heartbeat_timeout_s: float, epoch: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.liveness = ChunkLiveness(list(names), heartbeat_timeout_s, epoch, clock)
+        self.clock = clock
+        self.missing: list[str] = list(names)
+        self.was_missing: set[str] = set()
+        self.reported_at = clock()
+        self.impostor_reported: dict[str, float] = {}
+        self.report_every_s = max(5.0, MISSING_REPORT_HEARTBEATS * heartbeat_timeout_s)
+
+    @property
+    def ready(self) -> bool:
+        return not self.missing
+
+    def heard(self, name: str, started_at_ns: int, pid: int, host: str, epoch: int, ready: bool,
+              requests_in_flight: bool) -> list[tuple[str, str]]:
+        """Record a chunk heartbeat; returns lines to log."""
+        heard = self.liveness.heard(name, started_at_ns, pid, host, epoch, ready)
+        log: list[tuple[str, str]] = []
+        if heard.replaced is not None and requests_in_flight:
+            self.was_missing.add(name)
+            log.append(("warning", f"{name} restarted: its in-flight requests are replayed once it is ready"))
+        if heard.impostor is not None:
+            now = self.clock()
+            if now - self.impostor_reported.get(name, -1e18) >= IMPOSTOR_REPORT_S:
+                self.impostor_reported[name] = now
+                kept, other = heard.impostor
+                log.append(("error", f"two processes claim chunk node {name}: {kept.describe()} and "
+                            f"{other.describe()}; the ring keeps the first and ignores the second until the "
+                            "first is gone. Stop one of them, or give it another chunks[].name"))
+        return log
+
+    def check(self, requests_in_flight: bool) -> RingCheck:
+        """Periodic check: report changes (and, while nodes stay missing, why, now and then)."""
+        out = RingCheck()
+        missing = self.liveness.missing()
+        now = self.clock()
+        if missing != self.missing:
+            out.log.append(("warning", f"chunk nodes missing: {', '.join(missing)}") if missing
+                           else ("info", RING_COMPLETE))
+            self.was_missing.update(missing)
+            self.missing = missing
+            self.reported_at = now
+        elif missing and now - self.reported_at >= self.report_every_s:
+            self.reported_at = now
+            out.log.append(("warning", "chunk nodes still missing: " + "; ".join(
+                f"{n} ({self.liveness.why_missing(n)})" for n in missing)))
+        if not missing:
+            if self.was_missing and requests_in_flight:
+                out.replay_for = sorted(self.was_missing)
+            self.was_missing.clear()
+        return out

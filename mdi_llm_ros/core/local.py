@@ -12,9 +12,11 @@ from typing import Callable
 from .chunk import ChunkExecutor
 from .coordinator_model import CoordinatorModel
 from .request import GenerateParams, GenerationResult
-from .models import ModelInfo, TensorReader
+from .models import ModelInfo
+from .weights import TensorReader
 from .plan import ClusterPlan
-from .ring import ChunkHandler, HopMessage
+from .chunk_handler import ChunkHandler
+from .message import HopMessage
 from .scheduler import RequestHandle, RingScheduler
 
 
@@ -32,7 +34,7 @@ class LocalRing:
                                        kernels=plan.kernels,
                                        max_cached_requests=cfg.chunks[n.hop].max_cached_requests,
                                        reader=TensorReader(info)),
-                         cluster=cfg.namespace, hop=n.hop, last=n is plan.chunks[-1])
+                         cluster=cfg.namespace, hop=n.hop, last=n.last_chunk)
             for n in plan.chunks]
         for handler in self.handlers:
             handler.adopt_epoch(epoch)

@@ -1,4 +1,4 @@
-"""Model resolution, offline preparation and selective weight loading.
+"""Model resolution, offline preparation and what a model folder holds (no torch).
 
 A model is named in the config either by a prepared name (see PREPARED_MODELS,
 converted once from a GGUF file shipped inside a PyPI package) or by the path
@@ -16,9 +16,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
-
-import torch
+from typing import Callable
 
 MARKER = ".mdi-prepared.json"
 
@@ -126,7 +124,7 @@ def prepare_model(name: str = DEFAULT_MODEL, *, force: bool = False,
     log("[model] 2/4 loading and de-quantizing the GGUF (about 20 s)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
     # Saved as a plain (unquantized) float32 model.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -206,29 +204,17 @@ class ModelInfo:
         return total
 
 
-_SAFETENSORS_ELEM = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "U8": 1, "I8": 1}
+# safetensors dtype code -> (torch dtype name, bytes per element)
+SAFETENSORS_DTYPES = {"F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2), "F64": ("float64", 8),
+                      "I64": ("int64", 8), "I32": ("int32", 4), "U8": ("uint8", 1), "I8": ("int8", 1),
+                      "BOOL": ("bool", 1)}
 
 
-def _safetensors_layout(path: Path) -> tuple[dict, int]:
+def safetensors_layout(path: Path) -> tuple[dict, int]:
     """A safetensors file's header (tensor name -> dtype, shape, data_offsets) and where data starts."""
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         return json.loads(f.read(n)), 8 + n
-
-
-def _aligned(nbytes: int) -> int:
-    """Room a tensor takes in a shared read buffer: every view starts 64-byte aligned."""
-    return -(-nbytes // 64) * 64
-
-
-def _pread_full(fd: int, view: memoryview, offset: int, path: Path, what: str) -> None:
-    """Fill `view` from file offset `offset`; a file that ends first is a truncated model."""
-    got = 0
-    while got < len(view):
-        k = os.preadv(fd, [view[got:]], offset + got)
-        if not k:
-            raise ModelError(f"{path} is truncated ({what}); prepare the model again")
-        got += k
 
 
 def load_model_info(path: Path) -> ModelInfo:
@@ -245,13 +231,13 @@ def load_model_info(path: Path) -> ModelInfo:
     nbytes: dict[str, int] = {}
     elem: dict[str, int] = {}
     for st in sorted(path.glob("*.safetensors")):
-        for name, meta in _safetensors_layout(st)[0].items():
+        for name, meta in safetensors_layout(st)[0].items():
             if name == "__metadata__":
                 continue
             files[name] = st.name
             start, end = meta["data_offsets"]
             nbytes[name] = end - start
-            elem[name] = _SAFETENSORS_ELEM.get(meta["dtype"], 4)
+            elem[name] = SAFETENSORS_DTYPES.get(meta["dtype"], ("", 4))[1]
     info = ModelInfo(
         path=path, raw_config=raw, num_layers=int(text["num_hidden_layers"]),
         hidden_size=int(text["hidden_size"]), vocab_size=int(text["vocab_size"]),
@@ -260,155 +246,3 @@ def load_model_info(path: Path) -> ModelInfo:
         max_positions=int(text.get("max_position_embeddings") or 2048),
         tensor_files=files, tensor_bytes=nbytes, elem_sizes=elem)
     return info
-
-
-class TensorReader:
-    """Reads named tensors from a model folder's safetensors files, and only those.
-
-    `names_read` records every tensor fetched, so tests can prove that a chunk
-    never touched another chunk's layers.
-    """
-
-    def __init__(self, info: ModelInfo) -> None:
-        self.info = info
-        self.names_read: list[str] = []
-
-    def read(self, names: Iterable[str], dtype: torch.dtype, device: str = "cpu",
-             buffer: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """The named tensors in `dtype` on `device`.
-
-        Plain reads into freshly allocated tensors, not a memory map: mapped file pages
-        would count in the process's resident memory next to the copies, doubling a
-        node's peak memory while it loads. With `buffer` (uint8, large enough: see
-        `stored_bytes`), tensors stored in `dtype` for the CPU are read into it instead, as
-        views: a caller that only copies them (into packed weights) reuses one allocation
-        for every group of tensors it reads.
-        """
-        by_file: dict[str, list[str]] = {}
-        for n in names:
-            by_file.setdefault(self._file_of(n), []).append(n)
-        out: dict[str, torch.Tensor] = {}
-        used = 0
-        for fname, group in by_file.items():
-            path = self.info.path / fname
-            header, data_start = _safetensors_layout(path)
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                for n in sorted(group, key=lambda n: header[n]["data_offsets"][0]):
-                    meta = header[n]
-                    stored = _SAFETENSORS_DTYPES.get(meta["dtype"])
-                    if stored is None:
-                        raise ModelError(f"tensor {n!r} in {path} has dtype {meta['dtype']}, which is not supported")
-                    start, end = meta["data_offsets"]
-                    if (buffer is not None and stored == dtype and device == "cpu"
-                            and used + end - start <= buffer.numel()):
-                        tensor = buffer[used:used + end - start].view(stored).view(meta["shape"])
-                        used += _aligned(end - start)
-                    else:
-                        tensor = torch.empty(meta["shape"], dtype=stored)
-                    buf = tensor.view(-1).view(torch.uint8).numpy() if tensor.numel() else None
-                    if buf is not None:
-                        if buf.nbytes != end - start:
-                            raise ModelError(f"tensor {n!r} in {path}: {end - start} bytes for shape {meta['shape']}")
-                        _pread_full(fd, memoryview(buf), data_start + start, path, f"tensor {n!r}")
-                    out[n] = tensor.to(device=device, dtype=dtype)
-                    self.names_read.append(n)
-            finally:
-                os.close(fd)
-        return out
-
-    def _file_of(self, name: str) -> str:
-        if name not in self.info.tensor_files:
-            raise ModelError(f"tensor {name!r} is not in {self.info.path}; is this a Llama-family model?")
-        return self.info.tensor_files[name]
-
-    def stored_bytes(self, names: Iterable[str]) -> int:
-        """Bytes the named tensors take in their files (with `read`'s alignment of views)."""
-        headers: dict[str, dict] = {}
-        total = 0
-        for n in names:
-            fname = self._file_of(n)
-            if fname not in headers:
-                headers[fname] = _safetensors_layout(self.info.path / fname)[0]
-            start, end = headers[fname][n]["data_offsets"]
-            total += _aligned(end - start)
-        return total
-
-    def rows(self, name: str, dtype: torch.dtype) -> "TensorRows":
-        """A 2-D tensor whose rows are read from its file when looked up, never held whole."""
-        path = self.info.path / self._file_of(name)
-        header, data_start = _safetensors_layout(path)
-        meta = header[name]
-        stored = _SAFETENSORS_DTYPES.get(meta["dtype"])
-        if stored is None or len(meta["shape"]) != 2:
-            raise ModelError(f"tensor {name!r} in {path}: expected a 2-D float table, got {meta['dtype']} "
-                             f"{meta['shape']}")
-        self.names_read.append(name)
-        return TensorRows(path, data_start + meta["data_offsets"][0], tuple(meta["shape"]), stored, dtype)
-
-
-class TensorRows:
-    """Rows of a table (the token embedding) read with pread when looked up.
-
-    A node that needs a handful of rows per step must not hold the whole table: with
-    packed kernels the LM head keeps its own reordered copy of a tied embedding, and a
-    second, plain copy only for lookups would cost its full size in resident memory.
-    """
-
-    def __init__(self, path: Path, offset: int, shape: tuple[int, int], stored: torch.dtype,
-                 dtype: torch.dtype) -> None:
-        self.path, self.offset, self.shape = path, offset, shape
-        self.stored, self.dtype = stored, dtype
-        self.row_bytes = shape[1] * torch.empty((), dtype=stored).element_size()
-        self.fd = os.open(path, os.O_RDONLY)
-
-    @property
-    def nbytes(self) -> int:
-        return self.shape[0] * self.shape[1] * torch.empty((), dtype=self.dtype).element_size()
-
-    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids: (...) integer tensor -> (..., width) rows in `dtype`."""
-        flat = ids.reshape(-1).tolist()
-        bad = [i for i in flat if not 0 <= i < self.shape[0]]
-        if bad:
-            raise IndexError(f"row {bad[0]} is outside the table's {self.shape[0]} rows")
-        buf = bytearray(len(flat) * self.row_bytes)
-        view = memoryview(buf)
-        for k, i in enumerate(flat):
-            _pread_full(self.fd, view[k * self.row_bytes:(k + 1) * self.row_bytes], self.offset + i * self.row_bytes,
-                        self.path, f"row {i}")
-        out = torch.frombuffer(buf, dtype=self.stored) if flat else torch.empty(0, dtype=self.stored)
-        return out.view(*ids.shape, self.shape[1]).to(self.dtype)
-
-    def block(self, start: int, end: int, buffer: torch.Tensor | None = None) -> torch.Tensor:
-        """Rows [start, end) as a (end - start, width) tensor in `dtype`, in one read; into
-        `buffer` (a former result with at least as many rows) where the dtypes allow."""
-        if not 0 <= start <= end <= self.shape[0]:
-            raise IndexError(f"rows [{start}, {end}) are outside the table's {self.shape[0]} rows")
-        if buffer is not None and buffer.dtype == self.stored and buffer.shape[0] >= end - start:
-            out = buffer[:end - start]
-        else:
-            out = torch.empty((end - start, self.shape[1]), dtype=self.stored)
-        if end > start:
-            _pread_full(self.fd, memoryview(out.view(-1).view(torch.uint8).numpy()),
-                        self.offset + start * self.row_bytes, self.path, f"rows {start}..{end}")
-        return out.to(self.dtype)
-
-    def __del__(self) -> None:
-        try:
-            os.close(self.fd)
-        except (OSError, AttributeError):
-            pass
-
-
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-                       "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "I8": torch.int8,
-                       "BOOL": torch.bool}
-
-
-def meta_model(config) -> torch.nn.Module:
-    """The full model's module tree on the meta device: structure, no memory."""
-    from transformers import AutoModelForCausalLM
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-    return model.eval()

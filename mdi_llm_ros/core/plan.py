@@ -11,8 +11,8 @@ from dataclasses import dataclass, replace
 
 from .config import ClusterConfig
 from .errors import ConfigError
+from .formats import DTYPE_BYTES
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 COORDINATOR = "coordinator"
 
 
@@ -39,6 +39,11 @@ class NodePlan:
     @property
     def num_layers(self) -> int:
         return self.layer_end - self.layer_start
+
+    @property
+    def last_chunk(self) -> bool:
+        """The chunk whose output goes back to the coordinator."""
+        return self.role == "chunk" and self.next_node == COORDINATOR
 
 
 @dataclass(frozen=True)
@@ -85,7 +90,6 @@ class ClusterPlan:
         """
         if self.config.coordinator.waves is not None:
             return self.config.coordinator.waves
-        import os
         cores = local_cores or len(os.sched_getaffinity(0))
         here = sum(1 for n in self.chunks if n.host == self.coordinator.host)
         return max(1, min(here, cores) + len(self.chunks) - here)
@@ -105,12 +109,6 @@ def ring_prefix(namespace: str) -> str:
 
 def hop_topic(namespace: str, hop: int) -> str:
     return f"{ring_prefix(namespace)}/hop_{hop}"
-
-
-# What a chunk node logs when its coordinator has been silent for a while, and when it joins
-# one: the pip launcher restarts a respawned chunk node that stays deaf (launcher.Cluster).
-COORDINATOR_SILENT = "no status from the coordinator"
-COORDINATOR_JOINED = "joined coordinator epoch"
 
 
 def status_topic(namespace: str) -> str:
@@ -160,10 +158,10 @@ def split_capped(num_layers: int, weights: list[float], caps: list[int | None]) 
         if not free or left < len(free):
             break
         shares = split_by_weight(left, [weights[i] for i in free])
-        over = [i for i, (s, e) in zip(free, shares) if caps[i] is not None and e - s > caps[i]]
+        over = [i for i, (s, e) in zip(free, shares, strict=True) if caps[i] is not None and e - s > caps[i]]
         if not over:
             counts = dict(fixed)
-            counts.update({i: e - s for i, (s, e) in zip(free, shares)})
+            counts.update({i: e - s for i, (s, e) in zip(free, shares, strict=True)})
             ranges, start = [], 0
             for i in range(n):
                 ranges.append((start, start + counts[i]))
@@ -227,7 +225,7 @@ def make_plan(config: ClusterConfig, info) -> ClusterPlan:
         prev_node=config.chunks[-1].name, next_node=config.chunks[0].name,
         weight_bytes=info.head_bytes(dtype_bytes) + layer_bytes(0, first), threads=c.threads,
         kv_bytes_per_position=kv_layer * first)]
-    for i, (ch, (start, end)) in enumerate(zip(config.chunks, ranges)):
+    for i, (ch, (start, end)) in enumerate(zip(config.chunks, ranges, strict=True)):
         nodes.append(NodePlan(
             name=ch.name, role="chunk", host=ch.host, device=ch.device,
             layer_start=start, layer_end=end, hop=i,
@@ -255,7 +253,7 @@ def make_plan(config: ClusterConfig, info) -> ClusterPlan:
 def load_plan(config_file: str | os.PathLike) -> tuple[ClusterConfig, ClusterPlan, object]:
     """Config file -> (config, plan, model info): what every node, the launcher and the bench start from."""
     from .config import load_config
-    from .models import load_model_info, resolve_model_dir   # imports torch: only where a plan is made
+    from .models import load_model_info, resolve_model_dir
     cfg = load_config(str(config_file))
     info = load_model_info(resolve_model_dir(cfg.model.name))
     return cfg, make_plan(cfg, info), info

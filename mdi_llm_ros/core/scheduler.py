@@ -5,9 +5,9 @@ bounded FIFO queue (beyond it: BUSY). When a request's activation comes back
 from the last chunk, its next token is sampled and it re-enters the ring at
 once, so while one request is being sampled the others keep every chunk busy.
 A finished request sends a release around the ring so every chunk frees its
-cache. The scheduler only calls `send(HopMessage)`; the transport (ROS topics,
-or the in-process LocalRing) delivers it and hands ring output back through
-`on_ring_output`.
+cache. The scheduler only calls `send(HopMessage)` / `send_wave`; the transport
+(ROS topics, or the in-process LocalRing) delivers them and hands ring output back
+through `on_ring_outputs`.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from .coordinator_model import CoordinatorModel
 from .detokenizer import IncrementalDetokenizer
 from .errors import ErrorCode, RequestError
 from .request import GenerateParams, GenerationResult, PieceCallback, validate_params
-from .ring import KIND_DECODE, KIND_PREFILL, KIND_RELEASE, HopMessage
+from .message import KIND_DECODE, KIND_PREFILL, KIND_RELEASE, HopMessage
 from .sampling import SamplingParams, Sampler
 
 if TYPE_CHECKING:
@@ -123,7 +123,7 @@ class RingScheduler:
         self.tokens_generated = 0
         self.completed = 0
         self.drops: Counter[str] = Counter()    # ring outputs dropped, per cause (the heartbeat reports them)
-        self.not_ready_reason: str | None = None   # set while the ring is incomplete
+        self.not_ready_reason: str | None = None   # set while the ring is incomplete (set_missing)
         self.lost_nodes: list[str] = []
 
     @classmethod
@@ -138,6 +138,27 @@ class RingScheduler:
                    request_timeout_s=c.request_timeout_s, prefill_chunk_tokens=c.prefill_chunk_tokens,
                    pieces_ahead=len(plan.chunks))
 
+    # --- the ring's state, as the coordinator's watch sees it -----------------------------
+    def set_missing(self, missing: list[str]) -> None:
+        """Chunk nodes without a heartbeat: new requests are refused NOT_READY while any is
+        missing, and requests that time out meanwhile fail NODE_LOST."""
+        with self._lock:
+            self.lost_nodes = list(missing)
+            self.not_ready_reason = (f"ring incomplete: no heartbeat from {', '.join(missing)}; start them "
+                                     "(mdi-llm cluster / ros2 launch) or check their logs") if missing else None
+
+    def refusal(self) -> RequestError | None:
+        """Why a new request would be refused now (NOT_READY, BUSY), or None: the one rule for the
+        service and the action."""
+        with self._lock:
+            if self.not_ready_reason:
+                return RequestError(ErrorCode.NOT_READY, self.not_ready_reason)
+            if len(self._inflight) >= self.max_inflight and len(self._queue) >= self.queue_limit:
+                return RequestError(ErrorCode.BUSY,
+                                    f"{len(self._inflight)} requests in flight and {len(self._queue)} queued "
+                                    f"(queue_limit {self.queue_limit}); retry later")
+            return None
+
     # --- submission ----------------------------------------------------------------
     def submit(self, params: GenerateParams, on_piece: PieceCallback | None = None) -> RequestHandle:
         """Validate and admit (or queue) a request; raises RequestError if refused."""
@@ -150,8 +171,9 @@ class RingScheduler:
                                f"prompt has {len(prompt_ids)} tokens; the context holds {self.max_context} "
                                "including at least one new token: shorten it")
         with self._lock:
-            if self.not_ready_reason:
-                raise RequestError(ErrorCode.NOT_READY, self.not_ready_reason)
+            refused = self.refusal()
+            if refused is not None:
+                raise refused
             rid = self.next_request_id
             self.next_request_id += 1
             handle = RequestHandle(self, rid)
@@ -161,12 +183,8 @@ class RingScheduler:
                            handle=handle, on_piece=on_piece, submitted=self.clock())
             if len(self._inflight) < self.max_inflight:
                 self._admit(req)
-            elif len(self._queue) < self.queue_limit:
-                self._queue.append(req)
             else:
-                raise RequestError(ErrorCode.BUSY,
-                                   f"{len(self._inflight)} requests in flight and {len(self._queue)} queued "
-                                   f"(queue_limit {self.queue_limit}); retry later")
+                self._queue.append(req)
         return handle
 
     def cancel(self, request_id: int) -> bool:

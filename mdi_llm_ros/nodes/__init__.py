@@ -3,17 +3,15 @@ import ctypes
 import ctypes.util
 import os
 
-# oneDNN keeps up to 1024 compiled matmul primitives by default, one per weight shape and batch
-# size, each with its scratch memory: with packed kernels the prompts' many lengths grew a chunk
-# node by ~25 MB. 64 holds every shape a decode step and a few prompt lengths use (no slowdown
-# measured at 32; with none cached a forward took 1.7x as long).
+# oneDNN keeps up to 1024 compiled matmul primitives by default, each with scratch memory; 64
+# holds every shape a decode step and a few prompt lengths use.
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
 
 
 def _limit_malloc_arenas(arenas: int = 2) -> None:
-    """glibc gives each thread that allocates its own heap ("arena"), up to 8 per core; the
-    coordinator's executor threads (one per waiting caller) fragmented ~23 MB across them
-    (K=1 bench, 16 callers: peak 565 -> 542 MB with two arenas). No-op on other C libraries."""
+    """glibc gives each thread that allocates its own heap ("arena"), up to 8 per core: the
+    coordinator's executor threads (one per waiting caller) fragment memory across them.
+    No-op on other C libraries."""
     M_ARENA_MAX = -8
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

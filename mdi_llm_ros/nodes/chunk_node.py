@@ -1,19 +1,16 @@
 """Chunk node: one contiguous range of decoder layers on the ring.
 
-Subscribes to its inbound hop topic, runs its layers (core.ring.ChunkHandler)
-in a worker thread so DDS callbacks never wait on compute, publishes the
-result on its outbound hop topic, and sends NodeStatus heartbeats.
+Runs its layers (core.chunk_handler.ChunkHandler) on what arrives on its inbound hop topic,
+in the compute thread of a RingLoop, publishes the result on its outbound hop topic, follows
+the coordinator's heartbeats and sends its own.
 
-    ros2 run mdi_llm_ros chunk_node --ros-args -p config_file:=cluster.yaml -p node_name:=chunk_0
+    ros2 run mdi_llm_ros chunk_node --ros-args -r __node:=chunk_0 -p config_file:=cluster.yaml -p node_name:=chunk_0
 """
 from __future__ import annotations
 
 import os
-import queue
 import sys
-import threading
 import time
-from collections import deque
 
 from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.node import Node
@@ -21,17 +18,21 @@ from rclpy.node import Node
 from mdi_llm_ros.msg import ActivationBatch, NodeStatus
 
 from ..core.chunk import ChunkExecutor
+from ..core.chunk_handler import ChunkHandler, take_ring_work
 from ..core.errors import ActivationRejected
-from ..core.plan import COORDINATOR_JOINED, COORDINATOR_SILENT, DTYPE_BYTES, load_plan, status_topic
-from ..core.ring import ChunkHandler, take_ring_work
-from .common import (PROCESS_STARTED_NS, RING_QOS, STATUS_QOS, NodeAuth, from_batch_msgs, make_status,
-                     run_node, set_threads, to_batch_msg)
+from ..core.formats import DTYPE_BYTES
+from ..core.liveness import EVENT_COORDINATOR_SILENT, EVENT_JOINED
+from ..core.plan import load_plan, status_topic
+from ..qos import RING_QOS, STATUS_QOS
+from .common import (PROCESS_STARTED_NS, NodeAuth, RingLoop, from_batch_msgs, make_status, run_node, set_threads,
+                     supervisor_event, to_batch_msg)
 
 LINK_SETTLE_S = 0.3   # both sides of a new DDS match learn of it at about, not exactly, the same time
 COORDINATOR_SILENCE_WARN_S = 10.0   # say so when the coordinator has not been heard for this long,
 COORDINATOR_SILENCE_REPEAT_S = 30.0  # and again this often while it lasts
 EPOCH_SILENCE_HEARTBEATS = 2.5   # a new coordinator epoch is followed once the current one misses this many
 MAX_MERGED_PREFILLS = 64   # ring messages of prompts taken together (handle_many bounds the positions)
+DROP_LOG_EVERY_S = 5.0     # each drop cause is logged at most this often
 
 
 class ChunkNode(Node):
@@ -47,86 +48,56 @@ class ChunkNode(Node):
             raise SystemExit("chunk_node needs parameters config_file and node_name "
                              "(--ros-args -p config_file:=FILE -p node_name:=chunk_0)")
         cfg, plan, info = load_plan(config_file)
-        self.plan_node = plan.node(name)
-        if self.plan_node.role != "chunk":
+        n = self.plan_node = plan.node(name)
+        if n.role != "chunk":
             raise SystemExit(f"{name!r} is not a chunk node in {config_file}")
-        chunk_cfg = cfg.chunks[self.plan_node.hop]
-        set_threads(self.plan_node.threads)
+        chunk_cfg = cfg.chunks[n.hop]
+        set_threads(n.threads)
         self.cluster = cfg.namespace
         self.auth = NodeAuth(cfg.key(), cfg.auth_max_age_s)
         t0 = time.monotonic()
-        n = self.plan_node
         self.get_logger().info(f"{name}: loading layers [{n.layer_start}, {n.layer_end}) on {n.device} ...")
         c = cfg.coordinator
         executor = ChunkExecutor(info, n.layer_start, n.layer_end, device=n.device, dtype=plan.dtype,
-                                 kernels=plan.kernels,
-                                 max_cached_requests=chunk_cfg.max_cached_requests,
+                                 kernels=plan.kernels, max_cached_requests=chunk_cfg.max_cached_requests,
                                  cache_idle_timeout_s=chunk_cfg.cache_idle_timeout_s,
                                  plausible_ids=4 * (c.max_inflight + c.queue_limit) + 64)
         # The largest legal activation: a prefill of the whole context.
         max_payload = plan.max_context * info.hidden_size * DTYPE_BYTES[plan.dtype]
         self.handler = ChunkHandler(executor, cluster=self.cluster, hop=n.hop, max_payload_bytes=max_payload,
-                                    last=n is plan.chunks[-1], name=name, instance=PROCESS_STARTED_NS,
+                                    last=n.last_chunk, name=name, instance=PROCESS_STARTED_NS,
                                     epoch_silence_s=EPOCH_SILENCE_HEARTBEATS * cfg.heartbeat_period_s)
         layers = ("own decoder layers" if executor.native is not None
                   else f"transformers' decoder layers ({executor.fallback_reason})")
-        layers += f", {plan.kernels} kernels"
         self.get_logger().info(f"{name}: {executor.parameter_bytes / 1e6:.1f} MB of weights loaded in "
-                               f"{time.monotonic() - t0:.1f} s, {layers}; inbound {n.inbound_topic} -> "
-                               f"{n.outbound_topic}")
-        self.inbox: queue.Queue = queue.Queue()
+                               f"{time.monotonic() - t0:.1f} s, {layers}, {plan.kernels} kernels; inbound "
+                               f"{n.inbound_topic} -> {n.outbound_topic}")
         self.pub = self.create_publisher(ActivationBatch, n.outbound_topic, RING_QOS)
         self.status_pub = self.create_publisher(NodeStatus, status_topic(self.cluster), STATUS_QOS)
-        self.ring_sub = self.create_subscription(
-            ActivationBatch, n.inbound_topic, lambda b: self.inbox.put(b) if self.admitted(b) else None, RING_QOS)
         self._links_up_since: float | None = None
         self._ready = False
         self._coordinator_heard_at = time.monotonic()   # counts from start: silence since then is news
         self._silence_warned_at = -1e9
+        self._last_drop_log: dict[str, float] = {}
         self.create_subscription(NodeStatus, status_topic(self.cluster), self.on_status, STATUS_QOS)
         self.create_timer(cfg.heartbeat_period_s, self.publish_status)
-        self._stop = threading.Event()
-        self.pending: deque[ActivationBatch] = deque()   # taken from the inbox, not yet processed
-        self._last_drop_log: dict[str, float] = {}
-        self.worker = threading.Thread(target=self.work, name="chunk-compute", daemon=True)
-        self.worker.start()
+        self.ring = RingLoop(self, n.inbound_topic, admit=self.admitted,
+                             take=lambda pending: take_ring_work(pending, MAX_MERGED_PREFILLS),
+                             compute=self.compute, idle=executor.evict_idle, name="chunk-compute")
         self.publish_status()
 
-    def work(self) -> None:
-        """Compute loop, one ring message at a time: the decode steps in it (a wave of requests,
-        formed by the coordinator) share one forward (micro-batching), and what comes out leaves
-        as one message, so the wave stays together at the next hop. Messages are not merged:
-        each wave keeps its place in the pipeline, so every node has one to work on."""
-        while not self._stop.is_set():
-            try:
-                batches = self.next_batches()
-            except queue.Empty:
-                self.handler.executor.evict_idle()
-                continue
-            ready = []
-            for out in self.handler.handle_many(from_batch_msgs(batches)):
-                if out is None:
-                    self.log_drop()
-                else:
-                    ready.append(out)
-            if not ready:
-                continue
-            try:
-                self.auth.publish(self.pub, to_batch_msg(ready))
-            except Exception as exc:  # context shut down while publishing
-                if not self._stop.is_set():
-                    self.get_logger().error(f"publish failed: {exc}")
-
-    def next_batches(self) -> list[ActivationBatch]:
-        """The next ring messages to compute (take_ring_work picks them from all that wait)."""
-        if not self.pending:
-            self.pending.append(self.inbox.get(timeout=0.2))
-        while True:
-            try:
-                self.pending.append(self.inbox.get_nowait())
-            except queue.Empty:
-                break
-        return take_ring_work(self.pending, MAX_MERGED_PREFILLS)
+    def compute(self, batches: list[ActivationBatch]) -> None:
+        """One ring message at a time, as a rule: the decode steps in it (a wave of requests, formed
+        by the coordinator) share one forward, and what comes out leaves as one message, so the
+        wave stays together at the next hop and every node has one to work on."""
+        ready = []
+        for out in self.handler.handle_many(from_batch_msgs(batches)):
+            if out is None:
+                self.log_drop()
+            else:
+                ready.append(out)
+        if ready:
+            self.auth.publish(self.pub, to_batch_msg(ready))
 
     def admitted(self, batch: ActivationBatch) -> bool:
         """Authenticated mode: a batch that is not sealed with the team's key, is replayed or stale
@@ -141,19 +112,19 @@ class ChunkNode(Node):
         return False
 
     def log_drop(self) -> None:
-        """Log each drop cause at most once per 5 s (a flood must not flood the log)."""
+        """Log each drop cause at most once per DROP_LOG_EVERY_S (a flood must not flood the log)."""
         exc = self.handler.last_drop
         if exc is None:
             return
         now = time.monotonic()
-        if now - self._last_drop_log.get(exc.cause, -1e9) > 5.0:
+        if now - self._last_drop_log.get(exc.cause, -1e9) > DROP_LOG_EVERY_S:
             self._last_drop_log[exc.cause] = now
             count = self.handler.stats.drops.get(exc.cause, 0)
             self.get_logger().warning(f"dropped activation ({exc.cause}, {count} so far): {exc.detail}")
 
     def on_status(self, s: NodeStatus) -> None:
-        """Follow the coordinator (core.ring.ChunkHandler.on_coordinator): its epoch, which of its
-        requests are finished, and whether it serves this process or another of the same name."""
+        """Follow the coordinator (ChunkHandler.on_coordinator): its epoch, which of its requests are
+        finished, and whether it serves this process or another of the same name."""
         if s.role != "coordinator" or s.cluster != self.cluster:
             return
         cause = self.auth.admit_status(s)
@@ -165,7 +136,8 @@ class ChunkNode(Node):
         if s.epoch == self.handler.epoch:
             self._coordinator_heard_at = time.monotonic()
         if news.adopted:
-            self.get_logger().info(f"{COORDINATOR_JOINED} {s.epoch}"
+            supervisor_event(EVENT_JOINED, epoch=s.epoch)
+            self.get_logger().info(f"joined coordinator epoch {s.epoch}"
                                    + (f"; dropped {news.dropped} caches of the previous epoch" if news.dropped else ""))
         if news.serving is False:
             self.get_logger().error(
@@ -183,7 +155,7 @@ class ChunkNode(Node):
         ready: a neighbour that dies later is reported missing by its own silence."""
         if self._ready:
             return True
-        matched = self.pub.get_subscription_count() > 0 and self.ring_sub.get_publisher_count() > 0
+        matched = self.pub.get_subscription_count() > 0 and self.ring.subscription.get_publisher_count() > 0
         now = time.monotonic()
         if not matched:
             self._links_up_since = None
@@ -195,14 +167,15 @@ class ChunkNode(Node):
 
     def warn_if_coordinator_silent(self) -> None:
         """A chunk node that never hears its coordinator serves nobody: say so, and what to check,
-        instead of waiting in silence."""
+        instead of waiting in silence (and tell a launcher, which may restart a respawned node)."""
         now = time.monotonic()
         silent = now - self._coordinator_heard_at
         if silent < COORDINATOR_SILENCE_WARN_S or now - self._silence_warned_at < COORDINATOR_SILENCE_REPEAT_S:
             return
         self._silence_warned_at = now
+        supervisor_event(EVENT_COORDINATOR_SILENT, seconds=round(silent, 1))
         self.get_logger().warning(
-            f"{COORDINATOR_SILENT} on {status_topic(self.cluster)} "
+            f"no status from the coordinator on {status_topic(self.cluster)} "
             f"for {silent:.0f} s (ROS_DOMAIN_ID={os.environ.get('ROS_DOMAIN_ID', '0')}): start it, or check "
             "that both use the same config, domain id and discovery range")
 
@@ -213,7 +186,7 @@ class ChunkNode(Node):
             self, name=n.name, cluster=self.cluster, role="chunk", host=n.host, device=n.device,
             layers=(n.layer_start, n.layer_end), epoch=self.handler.epoch,
             ready=self.handler.serving and self.ring_links_up(),
-            cached=ex.num_cached, queue=self.inbox.qsize() + len(self.pending), tokens=ex.stats.tokens_processed,
+            cached=ex.num_cached, queue=self.ring.depth, tokens=ex.stats.tokens_processed,
             drops=dict(ex.stats.drops), bytes_received=ex.stats.bytes_received,
             busy_seconds=ex.stats.busy_seconds, kv_cache=(ex.kv_cache_bytes, ex.kv_cache_peak_bytes)))
 
@@ -222,8 +195,7 @@ class ChunkNode(Node):
         if st.decode_forwards:
             self.get_logger().info(f"{st.decode_tokens} decode steps in {st.decode_forwards} forwards "
                                    f"(mean micro-batch {st.decode_tokens / st.decode_forwards:.2f})")
-        self._stop.set()
-        self.worker.join(timeout=2)     # a forward takes well under a second
+        self.ring.stop()
         self.handler.executor.release_all()
 
 

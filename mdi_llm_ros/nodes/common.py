@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import array
 import faulthandler
+import json
 import logging
 import os
+import queue
 import signal
 import sys
 import threading
 import time
+from collections import deque
 from typing import Callable
 
 import psutil
@@ -20,24 +23,17 @@ import rclpy
 import torch
 from rclpy.executors import MultiThreadedExecutor, SingleThreadedExecutor
 from rclpy.signals import SignalHandlerOptions
-from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 
 from mdi_llm_ros.msg import Activation, ActivationBatch, NodeStatus
 
 from ..core.auth import Sealer
 from ..core.errors import ConfigError
+from ..core.liveness import EVENTS_FD_ENV
 from ..core.models import ModelError
-from ..core.ring import HopMessage
+from ..core.message import HopMessage
+from ..qos import RING_QOS
 from ..signing import Gate, seal
 from ..spin import spin_resilient
-
-# Ring traffic: reliable and KEEP_ALL, so a slow hop applies back-pressure
-# instead of silently overwriting activations (a reliable keep_last writer
-# drops the oldest unacknowledged sample when its history is full).
-RING_QOS = QoSProfile(history=HistoryPolicy.KEEP_ALL, reliability=ReliabilityPolicy.RELIABLE,
-                      durability=DurabilityPolicy.VOLATILE)
-STATUS_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=50, reliability=ReliabilityPolicy.RELIABLE,
-                        durability=DurabilityPolicy.VOLATILE)
 
 PROCESS_STARTED_NS = time.time_ns()
 
@@ -109,6 +105,73 @@ class NodeAuth:
 
     def admit_status(self, msg) -> str | None:
         return None if self.gate is None else self.gate.check_status(msg)
+
+
+class RingLoop:
+    """Ring messages in, one compute thread, results out: the loop both kinds of node run.
+
+    The DDS callback only checks a batch (`admit`) and queues it, so DDS callbacks never wait
+    on compute; the compute thread takes what waits (`take` picks from the queue) and hands it
+    to `compute`, which publishes what comes out. `idle` runs when nothing arrived for 0.2 s.
+    """
+
+    def __init__(self, node, topic: str, *, admit: Callable[[ActivationBatch], bool],
+                 take: Callable[[deque], list], compute: Callable[[list], None],
+                 idle: Callable[[], None] | None = None, name: str = "ring-compute") -> None:
+        self.inbox: queue.Queue = queue.Queue()
+        self.pending: deque = deque()          # taken from the inbox, not yet computed
+        self._admit, self._take, self._compute, self._idle = admit, take, compute, idle
+        self._log = node.get_logger()
+        self.subscription = node.create_subscription(ActivationBatch, topic, self._on_batch, RING_QOS)
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.start()
+
+    @property
+    def depth(self) -> int:
+        """Ring messages waiting to be computed."""
+        return self.inbox.qsize() + len(self.pending)
+
+    def _on_batch(self, batch: ActivationBatch) -> None:
+        if self._admit(batch):
+            self.inbox.put(batch)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if not self.pending:
+                try:
+                    self.pending.append(self.inbox.get(timeout=0.2))
+                except queue.Empty:
+                    if self._idle is not None:
+                        self._idle()
+                    continue
+            while True:
+                try:
+                    self.pending.append(self.inbox.get_nowait())
+                except queue.Empty:
+                    break
+            batches = self._take(self.pending)
+            try:
+                self._compute(batches)
+            except Exception as exc:  # noqa: BLE001 - the ring must outlive one bad batch
+                if not self._stop.is_set():
+                    self._log.error(f"{len(batches)} ring messages dropped: {exc!r}")
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self._stop.set()
+        self.thread.join(timeout)       # a forward takes well under a second
+
+
+def supervisor_event(event: str, **fields) -> None:
+    """Tell the launcher that started this node what happened (a JSON line on the pipe it passed
+    in MDI_EVENTS_FD): it acts on these, never on log text. No launcher, no pipe: nothing."""
+    fd = os.environ.get(EVENTS_FD_ENV)
+    if not fd:
+        return
+    try:
+        os.write(int(fd), (json.dumps({"event": event, **fields}) + "\n").encode())
+    except (OSError, ValueError):
+        pass
 
 
 def rss_bytes() -> int:

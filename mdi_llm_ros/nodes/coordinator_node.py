@@ -1,16 +1,15 @@
 """Coordinator node: tokenizer, embedding, head, sampling and the recurrent pipeline.
 
-Serves `/generate` (mdi_llm_ros/srv/Generate) and the streaming action
-`/generate_stream` (mdi_llm_ros/action/Generate) under the cluster namespace.
-Ring output, client callbacks and timers run in separate callback groups of a
-MultiThreadedExecutor, so a service call that waits for its answer never
-blocks the ring traffic that produces it.
+Serves `/generate` (mdi_llm_ros/srv/Generate) and the streaming action `/generate_stream`
+(mdi_llm_ros/action/Generate) under the cluster namespace. Ring traffic has a node, an
+executor and a compute thread of its own (a RingLoop), so a client call that waits for its
+answer never blocks the ring traffic that produces it. What is decided lives in core:
+RingScheduler (admission, sampling, completion) and RingWatch (which chunk nodes serve).
 
     ros2 run mdi_llm_ros coordinator_node --ros-args -p config_file:=cluster.yaml
 """
 from __future__ import annotations
 
-import queue
 import sys
 import threading
 import time
@@ -30,16 +29,15 @@ from mdi_llm_ros.srv import Generate
 from ..convert import fill_result, params_from
 from ..core.coordinator_model import CoordinatorModel
 from ..core.errors import ErrorCode, RequestError
-from ..core.liveness import ChunkLiveness
+from ..core.liveness import RingWatch
 from ..core.plan import load_plan, service_name, status_topic
 from ..core.request import GenerationResult
 from ..core.scheduler import RingScheduler
 from ..signing import RequestGate, seal
-from .common import (RING_QOS, STATUS_QOS, NodeAuth, from_batch_msgs, make_status, run_node, set_threads,
-                     spin_quietly, to_batch_msg)
+from ..qos import RING_QOS, STATUS_QOS
+from .common import NodeAuth, RingLoop, from_batch_msgs, make_status, run_node, set_threads, spin_quietly, to_batch_msg
 
-MISSING_REPORT_HEARTBEATS = 10   # while chunk nodes stay missing, say why every 10 heartbeat timeouts
-IMPOSTOR_REPORT_S = 10.0         # two processes that claim one node name: said at most this often
+MAX_OUTPUTS_AT_ONCE = 64        # ring outputs sampled together (one LM-head matmul)
 
 
 class CoordinatorNode(Node):
@@ -61,46 +59,30 @@ class CoordinatorNode(Node):
                                       layers=(0, c.layer_end) if c.layer_end else None)
         self.get_logger().info(f"coordinator: model parts loaded in {time.monotonic() - t0:.1f} s "
                                f"({self.model.parameter_bytes / 1e6:.1f} MB)")
-        # The ring has a node and an executor of its own: ring traffic never waits behind
-        # client callbacks, and rclpy's MultiThreadedExecutor (which busy-spins while its
-        # worker threads block in service calls) never sits on the hot path.
+        self.bytes_received = 0
+        self.busy_seconds = 0.0
+        self._send_lock = threading.Lock()
         # use_global_arguments=False: the launcher's `-r __node:=NAME` must not rename it too.
         self.ring_node = rclpy.create_node(f"{self.get_name()}_ring", context=self.context,
                                            use_global_arguments=False)
         self.ring_pub = self.ring_node.create_publisher(ActivationBatch, c.outbound_topic, RING_QOS)
-        self.bytes_received = 0
-        self.busy_seconds = 0.0
-        self._send_lock = threading.Lock()
         self.scheduler = RingScheduler.for_plan(self.model, plan, self.send, send_wave=self.send_wave,
                                                 waves=plan.waves())
-        self.liveness = ChunkLiveness([n.name for n in plan.chunks], cfg.coordinator.heartbeat_timeout_s,
-                                      self.scheduler.epoch)
-        self.ready = False
-        self._missing: list[str] = [n.name for n in plan.chunks]
-        self._was_missing: set[str] = set()
-        self._impostor_reported: dict[str, float] = {}
-        self._missing_reported_at = time.monotonic()
-        self.scheduler.not_ready_reason = self._not_ready_text(self._missing)
-
-        # Reentrant groups only: rclpy's MultiThreadedExecutor busy-spins while a ready entity
-        # waits for a busy mutually exclusive group. Ring outputs of different requests may run
-        # concurrently (the scheduler locks its state; one request has one message in flight);
-        # liveness bookkeeping takes its own lock.
-        client_group = ReentrantCallbackGroup()
-        status_group = ReentrantCallbackGroup()
-        self._liveness_lock = threading.Lock()
-        # Ring outputs are queued and computed by one thread that takes all that wait at once
-        # (one LM-head matmul for all of them).
-        self.ring_inbox: queue.Queue = queue.Queue()
-        self.ring_node.create_subscription(ActivationBatch, c.inbound_topic, self.on_ring_batch, RING_QOS)
-        self._ring_stop = threading.Event()
-        self.ring_worker = threading.Thread(target=self.ring_work, name="ring-compute", daemon=True)
-        self.ring_worker.start()
+        self.watch = RingWatch([n.name for n in plan.chunks], cfg.coordinator.heartbeat_timeout_s,
+                               self.scheduler.epoch)
+        self.scheduler.set_missing(self.watch.missing)
+        self._watch_lock = threading.Lock()
+        self.ring = RingLoop(self.ring_node, c.inbound_topic, admit=self.admitted, compute=self.compute,
+                             take=lambda p: [p.popleft() for _ in range(min(MAX_OUTPUTS_AT_ONCE, len(p)))])
         self.ring_executor = SingleThreadedExecutor(context=self.context)
         self.ring_executor.add_node(self.ring_node)
         self.ring_thread = threading.Thread(target=spin_quietly, args=(self.ring_executor,), name="ring",
                                             daemon=True)
         self.ring_thread.start()
+        # Reentrant groups only: rclpy's MultiThreadedExecutor busy-spins while a ready entity
+        # waits for a busy mutually exclusive group.
+        client_group = ReentrantCallbackGroup()
+        status_group = ReentrantCallbackGroup()
         self.status_pub = self.create_publisher(NodeStatus, status_topic(cfg.namespace), STATUS_QOS)
         self.create_subscription(NodeStatus, status_topic(cfg.namespace), self.on_status, STATUS_QOS,
                                  callback_group=status_group)
@@ -121,7 +103,8 @@ class CoordinatorNode(Node):
                                                 reliability=ReliabilityPolicy.RELIABLE))
         self.get_logger().info(
             f"coordinator: epoch {self.scheduler.epoch}; serving {service_name(cfg.namespace, 'generate')} and "
-            f"{service_name(cfg.namespace, 'generate_stream')}; waiting for chunk nodes {', '.join(self._missing)}")
+            f"{service_name(cfg.namespace, 'generate_stream')}; waiting for chunk nodes "
+            f"{', '.join(self.watch.missing)}")
 
     # --- ring -----------------------------------------------------------------------
     def send(self, msg) -> None:
@@ -132,35 +115,34 @@ class CoordinatorNode(Node):
         with self._send_lock:
             self.auth.publish(self.ring_pub, to_batch_msg(msgs))
 
-    def on_ring_batch(self, batch) -> None:
+    def admitted(self, batch: ActivationBatch) -> bool:
         cause = self.auth.admit_batch(batch)
-        if cause is None:
-            self.ring_inbox.put(batch)
-        else:
+        if cause is not None:
             self.scheduler.drops[cause] += max(1, len(batch.hops))
+        return cause is None
 
-    def ring_work(self) -> None:
-        while not self._ring_stop.is_set():
-            try:
-                msgs = [self.ring_inbox.get(timeout=0.2)]
-            except queue.Empty:
-                continue
-            while len(msgs) < 64:
-                try:
-                    msgs.append(self.ring_inbox.get_nowait())
-                except queue.Empty:
-                    break
-            t0 = time.perf_counter()
-            hops = from_batch_msgs(msgs)
-            self.bytes_received += sum(h.nbytes for h in hops)
-            try:
-                self.scheduler.on_ring_outputs(hops)
-            except Exception as exc:   # a malformed message must not stop the coordinator
-                self.get_logger().error(f"{len(hops)} ring outputs dropped: {exc}")
-            finally:
-                self.busy_seconds += time.perf_counter() - t0
+    def compute(self, batches: list[ActivationBatch]) -> None:
+        """Every ring output that waits, at once (one LM-head matmul for all of them)."""
+        t0 = time.perf_counter()
+        hops = from_batch_msgs(batches)
+        self.bytes_received += sum(h.nbytes for h in hops)
+        try:
+            self.scheduler.on_ring_outputs(hops)
+        finally:
+            self.busy_seconds += time.perf_counter() - t0
 
-    # --- liveness ---------------------------------------------------------------------
+    # --- which chunk nodes serve ----------------------------------------------------------
+    def _log(self, lines: list[tuple[str, str]]) -> None:
+        # one call site per severity: rclpy refuses a call site whose severity changes between calls
+        logger = self.get_logger()
+        for level, text in lines:
+            if level == "error":
+                logger.error(text)
+            elif level == "warning":
+                logger.warning(text)
+            else:
+                logger.info(text)
+
     def on_status(self, s: NodeStatus) -> None:
         if s.cluster != self.cfg.namespace or s.role != "chunk":
             return
@@ -168,73 +150,38 @@ class CoordinatorNode(Node):
         if cause is not None:
             self.scheduler.drops[cause] += 1
             return
-        with self._liveness_lock:
-            heard = self.liveness.heard(s.name, s.started_at_ns, s.pid, s.host, s.epoch, s.ready)
-            if heard.replaced is not None and self.scheduler.inflight:
-                self._was_missing.add(s.name)
-        if heard.replaced is not None and self.scheduler.inflight:
-            self.get_logger().warning(f"{s.name} restarted: its in-flight requests are replayed once it is ready")
-        if heard.impostor is not None:
-            now = time.monotonic()
-            if now - self._impostor_reported.get(s.name, -1e9) >= IMPOSTOR_REPORT_S:
-                self._impostor_reported[s.name] = now
-                kept, other = heard.impostor
-                self.get_logger().error(
-                    f"two processes claim chunk node {s.name}: {kept.describe()} and {other.describe()}; the ring "
-                    f"keeps the first and ignores the second until the first is gone. Stop one of them, or give "
-                    f"it another chunks[].name")
-
-    @staticmethod
-    def _not_ready_text(missing: list[str]) -> str:
-        return (f"ring incomplete: no heartbeat from {', '.join(missing)}; start them "
-                "(mdi-llm cluster / ros2 launch) or check their logs")
+        with self._watch_lock:
+            lines = self.watch.heard(s.name, s.started_at_ns, s.pid, s.host, s.epoch, s.ready,
+                                     requests_in_flight=self.scheduler.inflight > 0)
+        self._log(lines)
 
     def check_ring(self) -> None:
-        if not self._liveness_lock.acquire(blocking=False):
+        if not self._watch_lock.acquire(blocking=False):
             return                              # the previous check is still running
         try:
-            self._check_ring()
+            check = self.watch.check(requests_in_flight=self.scheduler.inflight > 0)
+            self.scheduler.set_missing(self.watch.missing)
         finally:
-            self._liveness_lock.release()
-
-    def _check_ring(self) -> None:
-        missing = self.liveness.missing()
-        now = time.monotonic()
-        if missing != self._missing:
-            if missing:
-                self.get_logger().warning(f"chunk nodes missing: {', '.join(missing)}")
-            else:
-                self.get_logger().info("ring complete: all chunk nodes are up; ready")
-            self._was_missing.update(missing)
-            self._missing = missing
-            self._missing_reported_at = now
-        elif missing and now - self._missing_reported_at >= max(
-                5.0, MISSING_REPORT_HEARTBEATS * self.cfg.coordinator.heartbeat_timeout_s):
-            self._missing_reported_at = now
-            self.get_logger().warning("chunk nodes still missing: " + "; ".join(
-                f"{n} ({self.liveness.why_missing(n)})" for n in missing))
-        self.ready = not missing
-        self.scheduler.not_ready_reason = self._not_ready_text(missing) if missing else None
-        self.scheduler.lost_nodes = list(missing)
-        if not missing and self._was_missing and self.scheduler.inflight:
+            self._watch_lock.release()
+        self._log(check.log)
+        if check.replay_for:
             n = self.scheduler.replay_inflight()
-            self.get_logger().warning(
-                f"{', '.join(sorted(self._was_missing))} back: replayed the history of {n} in-flight requests")
-        if not missing:
-            self._was_missing.clear()
+            self.get_logger().warning(f"{', '.join(check.replay_for)} back: replayed the history of {n} "
+                                      "in-flight requests")
         self.scheduler.poll()
 
     def publish_status(self) -> None:
         c = self.plan.coordinator
         inflight, next_id = self.scheduler.ring_view()
-        with self._liveness_lock:
-            members, instances = self.liveness.members()
+        with self._watch_lock:
+            members, instances = self.watch.liveness.members()
+            missing = list(self.watch.missing)
         status = make_status(
             self, name=c.name, cluster=self.cfg.namespace, role="coordinator", host=c.host, device=c.device,
-            layers=(0, c.layer_end), epoch=self.scheduler.epoch, ready=self.ready,
+            layers=(0, c.layer_end), epoch=self.scheduler.epoch, ready=not missing,
             cached=self.scheduler.inflight, queue=self.scheduler.queued,
             tokens=self.scheduler.tokens_generated, drops=dict(self.scheduler.drops),
-            missing=self._missing, bytes_received=self.bytes_received, busy_seconds=self.busy_seconds)
+            missing=missing, bytes_received=self.bytes_received, busy_seconds=self.busy_seconds)
         status.inflight_requests, status.next_request_id = inflight, next_id
         status.members, status.member_instances = members, instances
         self.auth.publish(self.status_pub, status)
@@ -282,12 +229,9 @@ class CoordinatorNode(Node):
         return self._answer(response, self._wait(handle), request)
 
     def on_goal(self, goal) -> GoalResponse:
-        s = self.scheduler
-        if s.not_ready_reason:
-            self.get_logger().warning(f"goal rejected: NOT_READY: {s.not_ready_reason}")
-            return GoalResponse.REJECT
-        if s.inflight >= s.max_inflight and s.queued >= s.queue_limit:
-            self.get_logger().warning(f"goal rejected: BUSY: {s.inflight} in flight, {s.queued} queued")
+        refused = self.scheduler.refusal()
+        if refused is not None:
+            self.get_logger().warning(f"goal rejected: {refused.code}: {refused.message}")
             return GoalResponse.REJECT
         return GoalResponse.ACCEPT
 
@@ -321,8 +265,7 @@ class CoordinatorNode(Node):
         return self._answer(result, r, goal)
 
     def destroy_node(self) -> None:
-        self._ring_stop.set()
-        self.ring_worker.join(timeout=2.0)
+        self.ring.stop()
         self.ring_executor.shutdown(timeout_sec=2.0)
         self.ring_thread.join(timeout=3.0)
         self.ring_node.destroy_node()

@@ -11,8 +11,8 @@ import subprocess
 import sys
 import time
 
-from .core.config import ClusterConfig
-from .launcher import Cluster, node_specs
+from ..core.config import ClusterConfig
+from ..launcher import Cluster, LineBuffer, node_specs
 
 PROMPTS = [
     "What is the capital of France?",
@@ -26,21 +26,8 @@ PROMPTS = [
 ]
 
 
-class _Quiet:
-    """Collects node logs; shown only if something fails."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def write(self, s: str) -> None:
-        self.lines.append(s)
-
-    def flush(self) -> None:
-        pass
-
-
 def run_demo(cfg: ClusterConfig, clients: int = 4, max_new_tokens: int = 48) -> int:
-    logs = _Quiet()
+    logs = LineBuffer()                 # node logs, shown only if something fails
     cluster = Cluster(node_specs(cfg.source), out=logs)
     print(f"[demo] starting {len(cluster.specs)} nodes from {cfg.source} "
           f"(coordinator + {len(cluster.specs) - 1} chunk nodes)", file=sys.stderr)
@@ -87,5 +74,5 @@ def run_demo(cfg: ClusterConfig, clients: int = 4, max_new_tokens: int = 48) -> 
     finally:
         cluster.stop()
         if cluster.procs and any(p.returncode not in (0, None) for p in cluster.procs.values()):
-            sys.stderr.write("".join(logs.lines[-60:]))
+            sys.stderr.write(logs.tail(60))
         print("[demo] cluster stopped", file=sys.stderr)

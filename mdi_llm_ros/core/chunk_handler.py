@@ -1,17 +1,16 @@
-"""Ring messages and the chunk side of the ring protocol, transport-agnostic.
+"""The chunk side of the ring protocol, transport-agnostic.
 
-`HopMessage` mirrors msg/Activation.msg field by field; the ROS nodes convert
-one into the other and nothing else. `ChunkHandler` is everything a chunk node
-does with a message: check that it belongs to this cluster and epoch, decode
-the tensor, run the layers, and produce the message for the next hop, or drop
-it and count why.
+`ChunkHandler` is everything a chunk node does with ring messages: check that each
+belongs to this cluster and epoch, decode the tensor, run the layers, and produce the
+message for the next hop, or drop it and count why; and follow the coordinator's
+heartbeats. `take_ring_work` picks what a chunk computes next from its queue.
 """
 from __future__ import annotations
 
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -19,11 +18,8 @@ from . import codec
 from .chunk import ChunkExecutor
 from .errors import ActivationRejected
 from .liveness import EpochFollower
+from .message import KIND_DECODE, KIND_PREFILL, KIND_RELEASE, HopMessage
 
-KIND_PREFILL = 0
-KIND_DECODE = 1
-KIND_RELEASE = 2
-KIND_NAMES = {KIND_PREFILL: "prefill", KIND_DECODE: "decode", KIND_RELEASE: "release"}
 # Prompts that arrive together are prefilled as one padded batch of at most this many
 # positions (rows x longest prompt); a longer one runs alone. Bounds the activations and
 # the attention mask a batched prefill holds.
@@ -75,34 +71,6 @@ def take_ring_work(pending: deque, limit: int, max_tokens: int = PREFILL_MERGE_T
         taken |= {h.request_id for h in batches[-1].hops}
         merged += tokens(batches[-1])
     return batches
-
-
-@dataclass
-class HopMessage:
-    """One hop of one request (see msg/Activation.msg for the meaning of each field)."""
-
-    cluster: str
-    epoch: int
-    request_id: int
-    step: int
-    first_position: int
-    kind: int
-    hop: int
-    dtype: str = ""
-    shape: list[int] = field(default_factory=list)
-    data: object = b""          # any buffer: bytes, memoryview, array.array('B')
-
-    @classmethod
-    def with_tensor(cls, tensor: torch.Tensor, **fields) -> "HopMessage":
-        dtype, shape, data = codec.encode(tensor)
-        return cls(dtype=dtype, shape=shape, data=data, **fields)
-
-    def tensor(self, max_bytes: int | None = None) -> torch.Tensor:
-        return codec.decode(self.dtype, self.shape, self.data, max_bytes=max_bytes)
-
-    @property
-    def nbytes(self) -> int:
-        return memoryview(self.data).nbytes
 
 
 @dataclass
@@ -194,7 +162,7 @@ class ChunkHandler:
             if not batch:
                 return
             results = forward([(m.request_id, m.step, m.first_position, h) for _, m, h in batch])
-            for (i, m, _), r in zip(batch, results):
+            for (i, m, _), r in zip(batch, results, strict=True):
                 if isinstance(r, ActivationRejected):
                     self._drop(r)
                 else:

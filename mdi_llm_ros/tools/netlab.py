@@ -77,8 +77,8 @@ def describe_probe(p: dict) -> str:
     if not p["netns"]:
         return f"network namespaces: unavailable ({p['reason']})"
     missing = [k for k in ("tbf", "netem", "fq_codel") if not p[k]]
-    text = "network namespaces: yes; qdiscs: " + ", ".join(f"{k} {'yes' if p[k] else 'no'}"
-                                                          for k in ("tbf", "netem", "fq_codel"))
+    text = "network namespaces: yes; qdiscs: " + ", ".join(
+        f"{k} {'yes' if p[k] else 'no'}" for k in ("tbf", "netem", "fq_codel"))
     if "netem" in missing:
         text += " (no netem: delay and loss cannot be emulated; links are rate-limited with tbf only)"
     return text

@@ -9,17 +9,17 @@ its level after warm-up.
 """
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-import rclpy
-
-from .client import BackgroundSpin, GenerateClient, StreamPiece
-from .core.config import ClusterConfig, apply_discovery_env
-from .core.plan import status_topic
-from .launcher import Cluster, node_specs
+from ..client import GenerateClient, StreamPiece
+from ..core.config import ClusterConfig
+from ..launcher import Cluster, LineBuffer, node_specs
+from ..session import ros_session
+from .status import StatusWatch
 
 PROMPTS = ["The robot picked up", "Battery status report:", "Navigation goal reached, next",
            "Obstacle detected ahead, so the robot"]
@@ -40,34 +40,6 @@ class SoakReport:
     @property
     def ok(self) -> bool:
         return not self.problems
-
-
-class StatusWatch:
-    """Latest NodeStatus per node name."""
-
-    def __init__(self, node, namespace: str) -> None:
-        from mdi_llm_ros.msg import NodeStatus
-
-        from .nodes.common import STATUS_QOS
-        self.latest: dict = {}
-        self._node = node
-        self._sub = node.create_subscription(NodeStatus, status_topic(namespace), self._on, STATUS_QOS)
-
-    def close(self) -> None:
-        self._node.destroy_subscription(self._sub)
-
-    def _on(self, s) -> None:
-        self.latest[s.name] = s
-
-    def fresh(self, wait_s: float = 1.5, expect: int = 0, max_wait_s: float = 5.0) -> dict:
-        """Statuses published from now on: at least `wait_s`, and until `expect` nodes were heard
-        (a node busy computing may publish late) or `max_wait_s` passed."""
-        self.latest.clear()
-        time.sleep(wait_s)
-        end = time.monotonic() + max_wait_s - wait_s
-        while len(self.latest) < expect and time.monotonic() < end:
-            time.sleep(0.05)
-        return dict(self.latest)
 
 
 def _client_loop(idx: int, client: GenerateClient, deadline: float, report: SoakReport,
@@ -113,16 +85,12 @@ def _client_loop(idx: int, client: GenerateClient, deadline: float, report: Soak
             report.answered[answered] += 1
 
 
-def run_soak(namespace: str, *, duration_s: float, clients: int, warmup_s: float = 8.0,
-             key: bytes | None = None) -> SoakReport:
+def run_soak(cfg: ClusterConfig, *, duration_s: float, clients: int, warmup_s: float = 8.0) -> SoakReport:
     """Drive an already running cluster; returns the report (see module doc)."""
-    rclpy.init()
-    node = rclpy.create_node(f"mdi_soak_{int(time.time()) % 100000}")
-    spin = BackgroundSpin(node)
     report = SoakReport()
-    try:
-        watch = StatusWatch(node, namespace)
-        clients_ = [GenerateClient(node, namespace, key) for _ in range(clients)]
+    with ros_session(f"mdi_soak_{int(time.time()) % 100000}", cfg) as node:
+        watch = StatusWatch(node, cfg.namespace)
+        clients_ = [GenerateClient(node, cfg.namespace, cfg.key()) for _ in range(clients)]
         if not clients_[0].wait_for_service(120):
             report.problems.append("no /generate service")
             return report
@@ -161,9 +129,6 @@ def run_soak(namespace: str, *, duration_s: float, clients: int, warmup_s: float
                 report.problems.append(f"{name} resident memory grew from {warm / 1e6:.0f} MB after warm-up "
                                        f"to {final / 1e6:.0f} MB (> 10%)")
         return report
-    finally:
-        spin.close()
-        rclpy.try_shutdown()
 
 
 def format_report(r: SoakReport) -> str:
@@ -177,29 +142,17 @@ def format_report(r: SoakReport) -> str:
 
 def soak_cluster(cfg: ClusterConfig, *, duration_s: float, clients: int) -> int:
     """`mdi-llm soak`: start the cluster, soak it, check, stop it."""
-    import sys
-
-    class Sink:
-        lines: list[str] = []
-
-        def write(self, s):
-            self.lines.append(s)
-
-        def flush(self):
-            pass
-
-    sink = Sink()
-    cluster = Cluster(node_specs(cfg.source), out=sink)
+    logs = LineBuffer()
+    cluster = Cluster(node_specs(cfg.source), out=logs)
     cluster.start()
     try:
         print(f"[soak] {clients} clients for {duration_s:.0f} s against {cfg.source} ...", file=sys.stderr)
-        apply_discovery_env(cfg)
-        report = run_soak(cfg.namespace, duration_s=duration_s, clients=clients, key=cfg.key())
+        report = run_soak(cfg, duration_s=duration_s, clients=clients)
     finally:
         codes = cluster.stop()
     print(format_report(report))
     crashed = [n for n, c in codes.items() if c != 0]
     if crashed:
         print(f"PROBLEM: nodes exited uncleanly: {crashed}")
-        sys.stderr.write("".join(sink.lines[-80:]))
+        sys.stderr.write(logs.tail(80))
     return 0 if report.ok and not crashed else 1

@@ -1,0 +1,1 @@
+"""Operator tools around a running ring: benchmark, soak, demo, emulated devices, status watching."""

@@ -1,0 +1,86 @@
+"""`mdi-llm bench`: the ring over real DDS against plain transformers, measured in one run.
+
+Scenarios, all on the same model, prompts and token budget:
+  * baselines in one process with plain transformers: sequential `generate` (one request at a
+    time) and batched `generate` (all N requests left-padded into one batch), each in a child
+    process so its peak memory is its own (baselines.py);
+  * the ROS ring with K chunk nodes (+ coordinator) and N concurrent client requests, driven by
+    a client process (rings.py, drive.py).
+Figures: aggregate generated tokens/s, time to first token p50/p95, single-request per-token
+latency, peak RSS (VmHWM) of every process split into weights, KV cache, runtime and rest, ring
+bytes per generated token, and the share of wall time each node spends computing. Greedy
+outputs are checked against the sequential baseline. Results go to
+bench/results/<timestamp>.{json,md,png} (report.py).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from .baselines import explain_divergences, run_baseline, run_floor
+from .common import LONG_PIECES, LONG_TOKENS, PROMPTS, log
+from .report import markdown, plot
+from .rings import run_long_prompt, run_ring
+
+
+def run_bench(*, quick: bool, pin: bool, threads: int | None, model: str, out_dir: Path,
+              ks: list[int] | None = None, ns: list[int] | None = None, tokens: int | None = None,
+              netlab: bool = False, rate: str = "20mbit", kernels: list[str] | None = None,
+              long_prompt: bool | None = None) -> dict:
+    from ...core.models import resolve_model_dir
+    model_dir = str(resolve_model_dir(model))
+    rates = None
+    if netlab:
+        from ..netlab import NetLabError, describe_probe, probe
+        found = probe()
+        log(describe_probe(found))
+        if not found["netns"] or not found["tbf"]:
+            raise NetLabError(f"--netlab needs network namespaces and tbf: {describe_probe(found)}")
+        rates = [None, rate]
+        ks = ks or [3]
+        ns = ns or ([1, 4] if quick else [1, 4, 16])
+    ks = ks or ([1, 3] if quick else [1, 2, 3])
+    ns = ns or ([1, 4] if quick else [1, 2, 4, 8, 16])
+    tokens = tokens or (24 if quick else 64)
+    kernels = kernels or (["exact"] if netlab else ["exact", "packed"])
+    from ...core.formats import KERNELS
+    from ...core.errors import ConfigError
+    if bad := [x for x in kernels if x not in KERNELS]:
+        raise ConfigError(f"--kernels: {bad[0]!r} is not one of {', '.join(KERNELS)}")
+    cores = len(os.sched_getaffinity(0))
+    res = {"model": model, "tokens": tokens, "pin": pin, "threads": threads, "quick": quick, "netlab": netlab,
+           "kernels": kernels,
+           "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "baselines": [], "rings": []}
+    log(f"baselines: transformers sequential and batched ({cores} threads)")
+    seq = run_baseline("sequential", model_dir, len(PROMPTS), tokens, cores)
+    res["baselines"].append(seq)
+    references = dict(zip(PROMPTS, seq["texts"]))
+    for n in sorted(set(ns) - {1}) or [1]:
+        res["baselines"].append(run_baseline("batched", model_dir, n, tokens, cores))
+        log(f"batched N={n}: {res['baselines'][-1]['tokens_per_s']:.1f} tokens/s")
+    res["runtime_floor"] = run_floor()
+    log(f"a chunk node's runtime alone (imports + one ROS node): {res['runtime_floor'] / 1e6:.0f} MB")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    logs = out_dir / f"{stamp}-logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    for kern in kernels:
+        for k in ks:
+            log(f"ring with K={k} chunk nodes, {kern} kernels, N in {ns} (node logs: {logs})")
+            res["rings"].append(run_ring(model, k, ns, tokens, pin=pin, threads=threads, references=references,
+                                         workdir=logs, rates=rates, kernels=kern))
+    if long_prompt if long_prompt is not None else not (quick or netlab):
+        log("long prompt: transformers, then rings with whole and chunked prefill")
+        base = run_baseline("prefill", model_dir, 1, LONG_TOKENS, cores)
+        res["long_prompt"] = {"baseline": base, "rings": [
+            run_long_prompt(model, k, piece, workdir=logs, reference=base["text"])
+            for k in ([k for k in ks if k > 1] or [2]) for piece in LONG_PIECES]}
+    explain_divergences(res, model_dir)
+    (out_dir / f"{stamp}.json").write_text(json.dumps(res, indent=1))
+    table = markdown(res)
+    (out_dir / f"{stamp}.md").write_text(table + "\n")
+    plot(res, out_dir / f"{stamp}.png")
+    print(table)
+    log(f"wrote {out_dir / stamp}.json, .md and .png")
+    return res
