@@ -8,7 +8,8 @@ from pathlib import Path
 
 from .core.config import ClusterConfig, default_config_path, load_config
 from .core.errors import ConfigError, RequestError
-from .core.models import DEFAULT_MODEL, MARKER, PREPARED_MODELS, ModelError
+from .core.errors import ModelError
+from .core.models import DEFAULT_MODEL, MARKER, PACKAGED_MODELS
 from .tools.netlab import NetLabError
 
 
@@ -22,9 +23,9 @@ def _load(args) -> ClusterConfig:
 
 
 def _plan(cfg: ClusterConfig):
-    from .core.models import load_model_info, resolve_model_dir
+    from .core.models import load_model_info
     from .core.plan import make_plan
-    info = load_model_info(resolve_model_dir(cfg.model.name))
+    info = load_model_info(cfg.model.name)
     return make_plan(cfg, info), info
 
 
@@ -74,14 +75,18 @@ def cmd_plan(args) -> int:
 
 
 def cmd_model(args) -> int:
-    from .core.models import prepare_model, prepared_dir
+    from .core.models import gguf_metadata_dir, packaged_path, prepare_model
     if args.action == "list":
-        for name, spec in PREPARED_MODELS.items():
-            ready = (prepared_dir(name) / MARKER).is_file()
-            print(f"{name}\t{'prepared' if ready else 'not prepared'}\t{prepared_dir(name)}\t{spec.description}")
+        for name, spec in PACKAGED_MODELS.items():
+            path = packaged_path(spec)
+            ready = path is not None and path.is_file() and (gguf_metadata_dir(path) / MARKER).is_file()
+            print(f"{name}\t{'prepared' if ready else 'not prepared'}\t{path or spec.pip_name}\t{spec.description}")
         return 0
-    path = prepare_model(args.name, force=args.force)
-    print(path)
+    if args.action == "synth":
+        from .tools.synth import synthesize
+        print(synthesize(args.name, force=args.force))
+        return 0
+    print(prepare_model(args.name, force=args.force))
     return 0
 
 
@@ -115,6 +120,11 @@ def _generate_local(cfg: ClusterConfig, params, args) -> int:
         return 1
     print(result.summary(), file=sys.stderr)
     return 0
+
+
+def cmd_eval(args) -> int:
+    from .tools.eval import run_eval
+    return run_eval(args.config, args.text, args.quantization)
 
 
 def cmd_status(args) -> int:
@@ -178,10 +188,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("model", help="prepare (convert) or list models")
     msub = p.add_subparsers(dest="action", required=True)
-    mp = msub.add_parser("prepare", help="convert a packaged GGUF model to safetensors, once")
-    mp.add_argument("name", nargs="?", default=DEFAULT_MODEL, choices=sorted(PREPARED_MODELS))
+    mp = msub.add_parser("prepare", help="a packaged model ready to serve: its GGUF file, config and tokenizer "
+                                         "(once; no weights are converted)")
+    mp.add_argument("name", nargs="?", default=DEFAULT_MODEL, choices=sorted(PACKAGED_MODELS))
     mp.add_argument("--force", action="store_true", help="convert again even if already prepared")
     msub.add_parser("list", help="list known models and where they are")
+    sp = msub.add_parser("synth", help="write a seeded random-weight model of a realistic size (GGUF Q4_0 and "
+                                       "safetensors), to measure memory and speed where the weights dominate")
+    sp.add_argument("name", nargs="?", default="tinyllama-1b", choices=["tinyllama-1b"])
+    sp.add_argument("--force", action="store_true", help="write it again")
     p.set_defaults(func=cmd_model)
 
     p = sub.add_parser("generate", help="generate text (via /generate, or --local in-process)")
@@ -190,6 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true", help="use the streaming action, print tokens as they come")
     p.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the service to appear")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="quality of the configured ring on a fixed text: perplexity and top-1 "
+                                    "agreement with float32 transformers")
+    p.add_argument("--config", help="cluster config YAML (default: config/cluster.yaml)")
+    p.add_argument("--text", help="a UTF-8 text (default: the public-domain text shipped with the package)")
+    p.add_argument("--quantization", choices=["none", "int8", "int4"], help="override model.quantization")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("status", help="every node's heartbeat: host, layers, ready, requests, memory, drops")
     p.add_argument("--config", help="cluster config YAML (default: config/cluster.yaml)")

@@ -19,10 +19,18 @@ _domains = itertools.count((os.getpid() * 7) % 60 + 20)
 
 
 @pytest.fixture(scope="session")
-def smol_dir() -> Path:
-    """The real SmolLM2-135M-Instruct, prepared (converted) once."""
+def smol_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct GGUF file (Q4_1) as served, its config and tokenizer prepared."""
     from mdi_llm_ros.core.models import DEFAULT_MODEL, prepare_model
     return prepare_model(DEFAULT_MODEL, log=lambda s: None)
+
+
+@pytest.fixture(scope="session")
+def smol_dir(smol_gguf) -> Path:
+    """The same model as a float32 safetensors folder, as transformers de-quantizes the GGUF: the
+    reference `transformers` runs on (written once)."""
+    from mdi_llm_ros.core.models import reference_dir
+    return reference_dir(str(smol_gguf), log=lambda s: None)
 
 
 def make_tiny_model(path: Path, arch: str, tokenizer_dir: Path, num_layers: int = 6, **extra) -> Path:

@@ -12,7 +12,8 @@ from mdi_llm_ros.core import chunk as chunk_module
 from mdi_llm_ros.core.chunk import ChunkExecutor
 from mdi_llm_ros.core.decoder import DecoderSpec
 from mdi_llm_ros.core.kvcache import BLOCK_TOKENS, KVPool
-from mdi_llm_ros.core.models import ModelError, load_model_info
+from mdi_llm_ros.core.errors import ModelError
+from mdi_llm_ros.core.models import load_model_info
 
 ROOT = Path(__file__).resolve().parents[1]
 

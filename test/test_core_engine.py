@@ -85,10 +85,10 @@ def test_chunk_loads_only_its_layers(tiny_dir):
     own = {n for n in info.tensor_files if n.startswith(("model.layers.2.", "model.layers.3."))}
     assert set(reader.names_read) == own                     # nothing else was read
     measured = sum(p.numel() * p.element_size() for p in ex.layers.parameters())
-    assert measured == ex.parameter_bytes == info.layer_bytes(2) + info.layer_bytes(3)
+    assert measured == ex.parameter_bytes == info.layer_bytes(2, 4) + info.layer_bytes(3, 4)
     # and the whole model's layers add up to the sum over a partition
     total = sum(ChunkExecutor(info, s, e).parameter_bytes for s, e in [(0, 1), (1, 4), (4, 6)])
-    assert total == sum(info.layer_bytes(i) for i in range(6))
+    assert total == sum(info.layer_bytes(i, 4) for i in range(6))
 
 
 def test_smollm2_chunk_memory_share(smol_dir):
@@ -96,7 +96,7 @@ def test_smollm2_chunk_memory_share(smol_dir):
     info = load_model_info(smol_dir)
     reader = TensorReader(info)
     ex = ChunkExecutor(info, 10, 20, reader=reader)
-    all_layers = sum(info.layer_bytes(i) for i in range(30))
+    all_layers = sum(info.layer_bytes(i, 4) for i in range(30))
     assert ex.parameter_bytes * 3 == all_layers
     assert all(n.startswith(tuple(f"model.layers.{i}." for i in range(10, 20))) for n in reader.names_read)
 

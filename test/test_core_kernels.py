@@ -12,7 +12,8 @@ from mdi_llm_ros.core.config import parse_config
 from mdi_llm_ros.core.coordinator_model import CoordinatorModel
 from mdi_llm_ros.core.errors import ActivationRejected, ConfigError
 from mdi_llm_ros.core.kernels import PackedHead, PackedLinear, packed_unsupported
-from mdi_llm_ros.core.models import ModelError, load_model_info
+from mdi_llm_ros.core.errors import ModelError
+from mdi_llm_ros.core.models import load_model_info
 from mdi_llm_ros.core.weights import TensorReader
 from mdi_llm_ros.core.chunk_handler import PREFILL_BATCH_TOKENS, ChunkHandler
 from mdi_llm_ros.core.message import KIND_PREFILL, HopMessage

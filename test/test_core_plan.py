@@ -40,8 +40,8 @@ def test_plan_ring_topology(smol_dir):
     assert b.outbound_topic == coord.inbound_topic == "/team_a/mdi/ring/hop_2"
     assert (a.prev_node, a.next_node, b.next_node) == ("coordinator", "b", "coordinator")
     # weights: 30 identical layers of 14.16 MB in float32
-    assert a.weight_bytes == 7 * info.layer_bytes(0)
-    assert coord.weight_bytes == info.head_bytes() + 2 * info.layer_bytes(0)
+    assert a.weight_bytes == 7 * info.layer_bytes(0, 4)
+    assert coord.weight_bytes == info.head_bytes(4) + 2 * info.layer_bytes(0, 4)
     assert [n.name for n in plan.nodes_on_host("r2")] == ["b"]
     with pytest.raises(ConfigError, match="host 'r9'"):
         plan.nodes_on_host("r9")

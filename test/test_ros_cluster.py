@@ -7,6 +7,8 @@ import sys
 import time
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM
 
 from conftest import Proc, hf_greedy_text, node_statuses, wait_for_status, wait_ring_ready, write_config
 
@@ -159,3 +161,69 @@ def test_launcher_handles_a_dead_chunk_node(ros_env, ros_node, tmp_path, tiny_di
         assert proc.p.returncode == 1                              # the launcher stops the others and says so
         assert "b exited with code -9; stopping the other nodes" in proc.output()
         proc.stop()
+
+
+@pytest.mark.parametrize("quantization", ["int4", "int8"])
+def test_quantized_ring_answers_over_dds_on_the_real_file(ros_env, ros_node, tmp_path, smol_gguf, quantization):
+    """A quantized ring of three chunk processes serving the shipped SmolLM2 file: it answers the
+    service and the action, its chunk nodes hold their integer weights (NodeStatus memory well
+    under a float32 chunk's), and greedy text equals the same ring computed in one process."""
+    from mdi_llm_ros.client import GenerateClient, StreamPiece
+    from mdi_llm_ros.core.config import load_config
+    from mdi_llm_ros.core.local import LocalRing
+    from mdi_llm_ros.core.models import load_model_info
+    from mdi_llm_ros.core.plan import make_plan
+    from mdi_llm_ros.core.request import GenerateParams
+    cfg = write_config(tmp_path / "q.yaml", "smollm2-135m-instruct",
+                       [{"name": "chunk_0"}, {"name": "chunk_1"}, {"name": "chunk_2"}])
+    cfg.write_text(cfg.read_text().replace("dtype: float32", f"dtype: float32\n  quantization: {quantization}"))
+    info = load_model_info("smollm2-135m-instruct")
+    local = LocalRing(make_plan(load_config(cfg), info), info)
+    expected = local.generate(GenerateParams(PROMPTS[0][0], max_new_tokens=24)).text
+    proc = Proc([sys.executable, "-m", "mdi_llm_ros.cli", "cluster", "--config", str(cfg)], ros_env,
+                tmp_path / "cluster.log")
+    try:
+        assert wait_ring_ready(ros_node, 90), proc.output()
+        client = GenerateClient(ros_node)
+        assert client.wait_for_service(30)
+        r = client.generate(PROMPTS[0][0], max_new_tokens=24, timeout_s=120)
+        assert r.success and r.generated_tokens == 24 and r.text == expected, (r, expected, proc.output()[-3000:])
+        items = list(client.stream(PROMPTS[1][0], use_chat_template=True, max_new_tokens=16, timeout_s=120))
+        assert items[-1].success, (items[-1], proc.output()[-3000:])
+        assert "".join(i.text for i in items if isinstance(i, StreamPiece)) == items[-1].text
+        st = chunk_status(ros_node)
+        assert all(s.resident_memory_bytes < 420e6 for s in st.values()), {n: s.resident_memory_bytes for n, s in
+                                                                           st.items()}
+        assert f"{quantization} weights (70 Q4_1 {'as is to int4' if quantization == 'int4' else 're-quantized to int8'})" \
+            in proc.output(), proc.output()[-3000:]
+    finally:
+        assert proc.stop() == 0, proc.output()[-3000:]
+
+
+def test_gemma3_end_to_end_over_dds(ros_env, ros_node, tmp_path):
+    """The second real model: Gemma 3 270M served from its Q4_K_M GGUF by a coordinator and two
+    chunk processes; greedy text equals float32 transformers on the same (de-quantized) weights."""
+    from transformers import AutoTokenizer
+
+    from mdi_llm_ros.client import GenerateClient
+    from mdi_llm_ros.core.models import reference_dir
+    ref_dir = reference_dir("gemma3-270m", log=lambda s: None)
+    tok = AutoTokenizer.from_pretrained(ref_dir)
+    hf = AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float32).eval()
+    prompt = "The three laws of robotics are"
+    ids = tok(prompt, return_tensors="pt").input_ids
+    ref = tok.decode(hf.generate(ids, max_new_tokens=20, do_sample=False)[0, ids.shape[1]:], skip_special_tokens=True)
+    del hf
+    cfg = write_config(tmp_path / "gemma.yaml", "gemma3-270m", [{"name": "chunk_0"}, {"name": "chunk_1"}])
+    proc = Proc([sys.executable, "-m", "mdi_llm_ros.cli", "cluster", "--config", str(cfg)], ros_env,
+                tmp_path / "cluster.log")
+    try:
+        assert wait_ring_ready(ros_node, 120), proc.output()
+        client = GenerateClient(ros_node)
+        assert client.wait_for_service(30)
+        r = client.generate(prompt, max_new_tokens=20, timeout_s=120)
+        assert r.success and r.text == ref, (r.text, ref)
+        chat = client.generate("Hi", use_chat_template=True, max_new_tokens=4, timeout_s=60)
+        assert chat.error_code == "INVALID_TEXT" and "chat template" in chat.error_message   # a base model
+    finally:
+        assert proc.stop() == 0, proc.output()[-3000:]

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -19,8 +21,10 @@ from .decoder import NATIVE_MODEL_TYPES, DecoderSpec, DecoderStack
 from .errors import ActivationRejected
 from .kernels import check_kernels, pack_linears
 from .kvcache import BLOCK_TOKENS, KVBatch, KVPool, RequestKVCache
-from .models import ModelError, ModelInfo
-from .weights import TensorReader, meta_model
+from .errors import ModelError
+from .models import ModelInfo, is_quantizable
+from .quant import Int4Linear, check_quantization, quantized_linear
+from .weights import meta_model, open_weights
 
 
 @dataclass
@@ -42,15 +46,19 @@ class ChunkExecutor:
 
     def __init__(self, info: ModelInfo, start: int, end: int, *, device: str = "cpu",
                  dtype: str = "float32", max_cached_requests: int = 64,
-                 cache_idle_timeout_s: float = 600.0, reader: TensorReader | None = None,
-                 kernels: str = "exact", plausible_ids: int = 256) -> None:
+                 cache_idle_timeout_s: float = 600.0, reader=None, kernels: str = "exact",
+                 plausible_ids: int = 256, quantization: str = "none",
+                 progress: Callable[[str], None] | None = None) -> None:
         if not 0 <= start < end <= info.num_layers:
             raise ValueError(f"layer range [{start}, {end}) is outside the model's {info.num_layers} layers")
         self.start, self.end = start, end
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
         check_kernels(kernels, self.device, self.dtype)
+        check_quantization(quantization, self.device)
         self.kernels = kernels
+        self.quantization = quantization
+        self.weight_sources: Counter[str] = Counter()   # how each quantized matrix was made, e.g. "Q4_1 as is"
         self.max_cached_requests = max_cached_requests
         self.cache_idle_timeout_s = cache_idle_timeout_s
         self.caches: dict[int, RequestKVCache] = {}
@@ -63,13 +71,13 @@ class ChunkExecutor:
         self._lock = threading.Lock()
 
         self.hidden_size = info.hidden_size
-        self.reader = reader or TensorReader(info)
+        self.reader = reader or open_weights(info)
         spec, self.fallback_reason = DecoderSpec.support(info.raw_config)
         if spec is not None:
             # our own layers: the same arithmetic as transformers, without importing it
             with torch.device("meta"):
                 stack = DecoderStack(spec, start, end)
-            stack.rotary = self.rotary = stack.rotary.to(self.device)
+            stack.rotaries = stack.rotaries.to(self.device)
             layers = stack.layers
             self.native: DecoderStack | None = stack
         else:
@@ -94,13 +102,19 @@ class ChunkExecutor:
             buffer = torch.empty(max(self.reader.stored_bytes(names.values()) for names in layer_names),
                                  dtype=torch.uint8)
         self.parameter_bytes = 0
-        for layer, names in zip(layers, layer_names, strict=True):
+        every = max(1, len(layers) // 5)
+        for i, (layer, names) in enumerate(zip(layers, layer_names, strict=True)):
+            if quantization != "none":
+                names = self._quantize_linears(layer, names, info)
             tensors = self.reader.read(names.values(), self.dtype, str(self.device), buffer=buffer)
             self.parameter_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
             layer.load_state_dict({k: tensors[n] for k, n in names.items()}, strict=True, assign=True)
             del tensors
             if kernels == "packed":
                 pack_linears(layer)     # the reordered weights replace the plain ones
+            if progress is not None and ((i + 1) % every == 0 or i + 1 == len(layers)):
+                sources = f" ({self.describe_sources()})" if self.weight_sources else ""
+                progress(f"layers loaded: {i + 1}/{len(layers)}{sources}")
         del buffer
         self.layers = layers.eval()
         if self.native is not None:
@@ -109,6 +123,40 @@ class ChunkExecutor:
         # doubles (each doubling leaves heap holes); GPU memory is committed when allocated.
         blocks = max(64, max_cached_requests * 256 // BLOCK_TOKENS) if self.device.type == "cpu" else 64
         self.pool = KVPool(start, end - start, device=self.device, dtype=self.dtype, blocks=blocks)
+
+    @classmethod
+    def for_plan(cls, plan, node, info: ModelInfo, progress: Callable[[str], None] | None = None,
+                 reader=None) -> "ChunkExecutor":
+        """The executor of one chunk node of a plan (core.plan.NodePlan): the one place that turns the
+        config's keys into its options, for the ROS node and LocalRing alike."""
+        c, chunk = plan.config.coordinator, plan.config.chunks[node.hop]
+        return cls(info, node.layer_start, node.layer_end, device=node.device, dtype=plan.dtype,
+                   kernels=plan.kernels, quantization=plan.quantization,
+                   max_cached_requests=chunk.max_cached_requests, cache_idle_timeout_s=chunk.cache_idle_timeout_s,
+                   plausible_ids=4 * (c.max_inflight + c.queue_limit) + 64, progress=progress, reader=reader)
+
+    def _quantize_linears(self, layer: nn.Module, names: dict[str, str], info: ModelInfo) -> dict[str, str]:
+        """Replace the layer's matrices by integer ones made from the file (its own blocks where they
+        map exactly, else re-quantized); returns the names of what is left to load as float."""
+        matrices = {k: n for k, n in names.items() if is_quantizable(n, info.tensor_shapes[n])}
+        biases = {k[:-len("weight")] + "bias" for k in matrices} & set(names)
+        rest = {k: n for k, n in names.items() if k not in matrices and k not in biases}
+        bias_of = self.reader.read([names[b] for b in biases], self.dtype, str(self.device))
+        for key, name in matrices.items():
+            owner, _, attr = key[:-len(".weight")].rpartition(".")
+            parent = layer.get_submodule(owner) if owner else layer
+            bias = bias_of.get(names.get(key[:-len("weight")] + "bias", ""))
+            kind = info.tensor_kinds.get(name, "F32")
+            linear = quantized_linear(self.reader.linear_source(name), bias, self.quantization, self.device, kind)
+            setattr(parent, attr, linear)
+            fmt = "int4" if isinstance(linear, Int4Linear) else "int8"
+            self.weight_sources[f"{kind} {'as is' if linear.exact else 're-quantized'} to {fmt}"] += 1
+            self.parameter_bytes += linear.nbytes + (bias.numel() * bias.element_size() if bias is not None else 0)
+        return rest
+
+    def describe_sources(self) -> str:
+        """How the quantized matrices were made, e.g. "210 Q4_1 as is" (for the node's log)."""
+        return ", ".join(f"{n} {what}" for what, n in sorted(self.weight_sources.items()))
 
     @property
     def num_cached(self) -> int:

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
-from .formats import DTYPE_BYTES, KERNELS
+from .formats import DTYPE_BYTES, KERNELS, QUANTIZATIONS
 from .request import defaults as request_defaults
 
 DISCOVERY_RANGES = ("SUBNET", "LOCALHOST", "OFF", "SYSTEM_DEFAULT")
@@ -44,6 +44,7 @@ class ModelConfig:
     dtype: str = "float32"
     max_context: int | None = None  # None: the model's max_position_embeddings
     kernels: str = "exact"          # core.formats.KERNELS: exact (bit-identical to transformers) | packed
+    quantization: str = "none"      # core.formats.QUANTIZATIONS: none (the float weights) | int8 | int4
 
 
 @dataclass(frozen=True)
@@ -237,7 +238,7 @@ def parse_config(data: Any, source: str = "<dict>") -> ClusterConfig:
     if placement not in PLACEMENTS:
         raise ConfigError(f"cluster.placement: {placement!r} is not a placement; use one of {', '.join(PLACEMENTS)}")
 
-    m = _check_keys(top["model"], "model", {"name", "dtype", "max_context", "kernels"}, {"name"})
+    m = _check_keys(top["model"], "model", {"name", "dtype", "max_context", "kernels", "quantization"}, {"name"})
     dtype = m.get("dtype", "float32")
     if dtype not in tuple(DTYPE_BYTES):
         raise ConfigError(f"model.dtype: {dtype!r} is not supported; use one of {', '.join(tuple(DTYPE_BYTES))}")
@@ -247,8 +248,16 @@ def parse_config(data: Any, source: str = "<dict>") -> ClusterConfig:
     if kernels == "packed" and dtype != "float32":
         raise ConfigError(f"model.kernels: packed computes float32 only; set model.dtype: float32 "
                           f"(is {dtype}) or model.kernels: exact")
+    quantization = m.get("quantization", "none")
+    if quantization not in QUANTIZATIONS:
+        raise ConfigError(f"model.quantization: {quantization!r} is not a choice; use one of "
+                          f"{', '.join(QUANTIZATIONS)}")
+    if quantization != "none" and kernels == "packed":
+        raise ConfigError(f"model.kernels: packed reorders float weights; with model.quantization: {quantization} "
+                          "the weights are integers: set model.kernels: exact (or quantization: none)")
     model = ModelConfig(name=_str(m, "name", "model", None), dtype=dtype,
-                        max_context=_int(m, "max_context", "model", None, minimum=2), kernels=kernels)
+                        max_context=_int(m, "max_context", "model", None, minimum=2), kernels=kernels,
+                        quantization=quantization)
 
     c = _check_keys(top.get("coordinator", {}) or {}, "coordinator",
                     {"host", "device", "layers", "max_inflight", "queue_limit", "request_timeout_s",

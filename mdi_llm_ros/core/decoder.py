@@ -24,7 +24,7 @@ from torch.nn import functional as F
 
 from .kvcache import KVBatch
 
-NATIVE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+NATIVE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,12 @@ class DecoderSpec:
     mlp_bias: bool
     qk_norm: bool
     windows: tuple[int | None, ...] = ()   # per layer: sliding-window length, None = full attention
+    rope_thetas: tuple[float, ...] = ()      # per layer, where layer types differ (Gemma 3: local / global)
+    norm_offset: float = 0.0               # Gemma: norms multiply by (offset + weight)
+    activation: str = "silu"               # silu | gelu_tanh
+    sandwich_norms: bool = False           # Gemma 3: a norm after attention and around the MLP
+    query_scale: float | None = None       # attention scale (None: head_dim ** -0.5)
+    embed_scale: float | None = None       # the coordinator multiplies embeddings by it (Gemma: sqrt(hidden))
 
     @classmethod
     def from_config(cls, cfg: dict) -> "DecoderSpec | None":
@@ -53,6 +59,9 @@ class DecoderSpec:
     def window(self, layer_index: int) -> int | None:
         return self.windows[layer_index] if layer_index < len(self.windows) else None
 
+    def theta(self, layer_index: int) -> float:
+        return self.rope_thetas[layer_index] if layer_index < len(self.rope_thetas) else self.rope_theta
+
     @classmethod
     def support(cls, cfg: dict) -> tuple["DecoderSpec | None", str]:
         """(spec, "") or (None, why the native layers do not cover this model)."""
@@ -60,6 +69,8 @@ class DecoderSpec:
         model_type = cfg.get("model_type", "")
         if model_type not in NATIVE_MODEL_TYPES:
             return None, f"model_type {model_type!r} is not one of {', '.join(NATIVE_MODEL_TYPES)}"
+        if model_type == "gemma3_text":
+            return cls._gemma3(cfg)
         if cfg.get("hidden_act", "silu") != "silu":
             return None, f"hidden_act {cfg.get('hidden_act')!r} (native layers compute silu)"
         layers = int(cfg["num_hidden_layers"])
@@ -98,33 +109,71 @@ class DecoderSpec:
         return spec, ""
 
     @classmethod
+    def _gemma3(cls, cfg: dict) -> tuple["DecoderSpec | None", str]:
+        """Gemma 3's text layers: (1 + w) norms, GELU-tanh, norms around attention and the MLP,
+        local (sliding) and global layers with a RoPE base each, query_pre_attn_scalar."""
+        if cfg.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+            return None, f"hidden_activation {cfg.get('hidden_activation')!r}"
+        if cfg.get("attn_logit_softcapping") or cfg.get("final_logit_softcapping"):
+            return None, "logit soft-capping"
+        if cfg.get("use_bidirectional_attention"):
+            return None, "bidirectional attention"
+        layers = int(cfg["num_hidden_layers"])
+        types = cfg.get("layer_types") or ["full_attention" if (i + 1) % cfg.get("sliding_window_pattern", 6) == 0
+                                           else "sliding_attention" for i in range(layers)]
+        rope = cfg.get("rope_parameters") or {}
+        thetas = []
+        for t in types:
+            params = rope.get(t, {})
+            if params.get("rope_type", "default") != "default":
+                return None, f"RoPE type {params.get('rope_type')!r} for {t} layers"
+            thetas.append(float(params.get("rope_theta", 10000.0 if t == "sliding_attention" else 1e6)))
+        heads, hidden = int(cfg["num_attention_heads"]), int(cfg["hidden_size"])
+        window = cfg.get("sliding_window")
+        return cls(
+            model_type="gemma3_text", hidden_size=hidden, num_heads=heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or hidden // heads), intermediate_size=int(cfg["intermediate_size"]),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=thetas[0],
+            qkv_bias=bool(cfg.get("attention_bias", False)), o_bias=bool(cfg.get("attention_bias", False)),
+            mlp_bias=False, qk_norm=True,
+            windows=tuple(int(window) if t == "sliding_attention" and window else None for t in types),
+            rope_thetas=tuple(thetas), norm_offset=1.0, activation="gelu_tanh", sandwich_norms=True,
+            query_scale=float(cfg.get("query_pre_attn_scalar", 256)) ** -0.5, embed_scale=hidden ** 0.5), ""
+
+    @classmethod
     def from_folder(cls, path: Path) -> "DecoderSpec | None":
         return cls.from_config(json.loads((Path(path) / "config.json").read_text()))
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm as Llama-family models compute it (in float32, then cast back)."""
+    """Root-mean-square norm as Llama-family models compute it (in float32, then cast back);
+    with `offset` (Gemma), scaled by (offset + weight) in float32 before the cast."""
 
-    def __init__(self, size: int, eps: float) -> None:
+    def __init__(self, size: int, eps: float, offset: float = 0.0) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size), requires_grad=False)
         self.variance_epsilon = eps
+        self.offset = offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         h = x.to(torch.float32)
         variance = h.pow(2).mean(-1, keepdim=True)
         h = h * torch.rsqrt(variance + self.variance_epsilon)
+        if self.offset:
+            return (h * (self.offset + self.weight.float())).to(dtype)
         return self.weight * h.to(dtype)
 
 
 class Rotary(nn.Module):
     """Default RoPE: cos/sin of position * inverse frequency, computed per call in float32."""
 
-    def __init__(self, spec: DecoderSpec) -> None:
+    def __init__(self, spec: DecoderSpec, theta: float | None = None) -> None:
         super().__init__()
         dim = spec.head_dim
-        inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+        base = spec.rope_theta if theta is None else theta
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, dtype: torch.dtype, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,17 +195,18 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_index = layer_index      # global index: the key of this layer in a request's cache
         self.window = spec.window(layer_index)
+        self.theta = spec.theta(layer_index)
         self.head_dim = spec.head_dim
         self.groups = spec.num_heads // spec.num_kv_heads
-        self.scaling = spec.head_dim ** -0.5
+        self.scaling = spec.query_scale if spec.query_scale is not None else spec.head_dim ** -0.5
         h, q_out, kv_out = spec.hidden_size, spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
         self.q_proj = nn.Linear(h, q_out, bias=spec.qkv_bias)
         self.k_proj = nn.Linear(h, kv_out, bias=spec.qkv_bias)
         self.v_proj = nn.Linear(h, kv_out, bias=spec.qkv_bias)
         self.o_proj = nn.Linear(q_out, h, bias=spec.o_bias)
         if spec.qk_norm:
-            self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps)
-            self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps)
+            self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, spec.norm_offset)
+            self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, spec.norm_offset)
         else:
             self.q_norm = self.k_norm = None
 
@@ -203,9 +253,12 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias)
         self.up_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias)
         self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=spec.mlp_bias)
+        self.gelu = spec.activation == "gelu_tanh"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate = self.gate_proj(x)
+        gate = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
+        return self.down_proj(gate * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
@@ -215,17 +268,25 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = Attention(spec, layer_index)
         self.mlp = MLP(spec)
-        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        eps, offset = spec.rms_norm_eps, spec.norm_offset
+        self.input_layernorm = RMSNorm(spec.hidden_size, eps, offset)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, eps, offset)
+        self.sandwich = spec.sandwich_norms
+        if self.sandwich:
+            self.pre_feedforward_layernorm = RMSNorm(spec.hidden_size, eps, offset)
+            self.post_feedforward_layernorm = RMSNorm(spec.hidden_size, eps, offset)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVBatch,
                 mask: torch.Tensor | None) -> torch.Tensor:
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, kv, mask))
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class DecoderStack(nn.Module):
-    """Decoder layers [start, end) and the rotary table they share."""
+    """Decoder layers [start, end) and the rotary tables they use (one per RoPE base)."""
 
     def __init__(self, spec: DecoderSpec, start: int, end: int) -> None:
         super().__init__()
@@ -234,7 +295,8 @@ class DecoderStack(nn.Module):
         with torch.device("cpu"):
             # computed, not loaded, so never built on the meta device (whose kernels for `**`
             # import sympy and mpmath into every chunk process)
-            self.rotary = Rotary(spec)
+            self.rotaries = nn.ModuleDict({_rope_key(t): Rotary(spec, t)
+                                           for t in dict.fromkeys(spec.theta(i) for i in range(start, end))})
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor, kv: KVBatch,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -243,14 +305,18 @@ class DecoderStack(nn.Module):
         batch > 1 needs `mask` (batch, 1, seq, kv.length): each row's padding hidden, and for
         seq > 1 (a batched prefill) causal too.
         """
-        cos, sin = self.rotary(x.dtype, position_ids)
+        tables = {theta: rotary(x.dtype, position_ids) for theta, rotary in self.rotaries.items()}
         masks: dict[int | None, torch.Tensor | None] = {None: mask}
         for layer in self.layers:
             window = layer.self_attn.window
             if window not in masks:
                 masks[window] = window_mask(position_ids, kv, window, mask)
-            x = layer(x, cos, sin, kv, masks[window])
+            x = layer(x, *tables[_rope_key(layer.self_attn.theta)], kv, masks[window])
         return x
+
+
+def _rope_key(theta: float) -> str:
+    return f"theta_{theta:g}".replace(".", "_")
 
 
 def window_mask(position_ids: torch.Tensor, kv: KVBatch, window: int,

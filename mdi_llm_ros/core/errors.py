@@ -44,6 +44,10 @@ class RequestError(MdiError):
     """A request was refused or failed; other requests are unaffected."""
 
 
+class ModelError(RuntimeError):
+    """A model cannot be found, prepared or served; the message says what to do."""
+
+
 class ConfigError(ValueError):
     """The cluster config is invalid; the message names the key and the fix."""
 

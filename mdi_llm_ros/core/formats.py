@@ -7,3 +7,12 @@ from __future__ import annotations
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 KERNELS = ("exact", "packed")      # model.kernels (core.kernels computes them)
+QUANTIZATIONS = ("none", "int8", "int4")   # model.quantization (core.quant computes them)
+# GGUF types with more than 4 bits per weight: an int4 node keeps these 8-bit rather than lose the
+# precision the file chose for them (as llama.cpp's own Q4_K_M keeps some tensors at Q6_K).
+FINER_THAN_4_BIT = ("Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0", "Q8_1", "Q8_K")
+
+
+def linear_format(quantization: str, stored: str) -> str:
+    """int4 or int8: what a matrix stored as `stored` (a GGUF type, or F32/F16/BF16) becomes."""
+    return "int8" if quantization == "int8" or stored in FINER_THAN_4_BIT else "int4"

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .formats import KERNELS
-from .models import ModelError
+from .errors import ModelError
 
 # The batch size oneDNN picks the weight layout for; every batch size works with it,
 # and with this hint a row's result is the same for any batch (tested).

@@ -13,7 +13,6 @@ from .chunk import ChunkExecutor
 from .coordinator_model import CoordinatorModel
 from .request import GenerateParams, GenerationResult
 from .models import ModelInfo
-from .weights import TensorReader
 from .plan import ClusterPlan
 from .chunk_handler import ChunkHandler
 from .message import HopMessage
@@ -24,18 +23,10 @@ class LocalRing:
     """Coordinator + chunk handlers wired by an in-memory queue."""
 
     def __init__(self, plan: ClusterPlan, info: ModelInfo, *, epoch: int = 1, waves: int = 0) -> None:
-        cfg = plan.config
-        coord = plan.coordinator
         self.plan = plan
-        self.model = CoordinatorModel(info, device=coord.device, dtype=plan.dtype, kernels=plan.kernels,
-                                      layers=(0, coord.layer_end) if coord.layer_end else None)
-        self.handlers = [
-            ChunkHandler(ChunkExecutor(info, n.layer_start, n.layer_end, device=n.device, dtype=plan.dtype,
-                                       kernels=plan.kernels,
-                                       max_cached_requests=cfg.chunks[n.hop].max_cached_requests,
-                                       reader=TensorReader(info)),
-                         cluster=cfg.namespace, hop=n.hop, last=n.last_chunk)
-            for n in plan.chunks]
+        self.model = CoordinatorModel.for_plan(plan, info)
+        self.handlers = [ChunkHandler(ChunkExecutor.for_plan(plan, n, info), cluster=plan.config.namespace,
+                                      hop=n.hop, last=n.last_chunk) for n in plan.chunks]
         for handler in self.handlers:
             handler.adopt_epoch(epoch)
         self._queue: deque[list[HopMessage]] = deque()     # ring messages: batches of hops

@@ -64,6 +64,10 @@ class ClusterPlan:
         return self.config.model.kernels
 
     @property
+    def quantization(self) -> str:
+        return self.config.model.quantization
+
+    @property
     def chunks(self) -> tuple[NodePlan, ...]:
         return self.nodes[1:]
 
@@ -194,6 +198,7 @@ def make_plan(config: ClusterConfig, info) -> ClusterPlan:
                 f"chunks[{len(ranges) - 1}].layers: ranges end at layer {last_end} but the model has "
                 f"{L} layers; the last chunk must end at {L}")
     dtype_bytes = DTYPE_BYTES[config.model.dtype]
+    quant = config.model.quantization
     if config.chunks[0].layers is None:
         if config.placement == "memory":
             weights = [c.memory_mb for c in config.chunks]
@@ -201,7 +206,7 @@ def make_plan(config: ClusterConfig, info) -> ClusterPlan:
             weights = [c.speed for c in config.chunks]
         else:
             weights = [c.weight if c.weight is not None else 1.0 for c in config.chunks]
-        per_layer = max(info.layer_bytes(i, dtype_bytes) for i in range(L))
+        per_layer = max(info.layer_bytes(i, dtype_bytes, quant) for i in range(L))
         caps = [int(c.memory_mb * 1e6 // per_layer) if c.memory_mb is not None and config.placement == "speed"
                 else None for c in config.chunks]
         ranges = [(first + s, first + e) for s, e in split_capped(L - first, weights, caps)]
@@ -214,7 +219,7 @@ def make_plan(config: ClusterConfig, info) -> ClusterPlan:
                           f"{info.max_positions} positions")
 
     def layer_bytes(start: int, end: int) -> int:
-        return sum(info.layer_bytes(i, dtype_bytes) for i in range(start, end))
+        return sum(info.layer_bytes(i, dtype_bytes, quant) for i in range(start, end))
 
     kv_layer = info.kv_bytes_per_position(dtype_bytes)
     c = config.coordinator
@@ -223,7 +228,7 @@ def make_plan(config: ClusterConfig, info) -> ClusterPlan:
         layer_start=0, layer_end=first, hop=-1,
         inbound_topic=hop_topic(ns, k), outbound_topic=hop_topic(ns, 0),
         prev_node=config.chunks[-1].name, next_node=config.chunks[0].name,
-        weight_bytes=info.head_bytes(dtype_bytes) + layer_bytes(0, first), threads=c.threads,
+        weight_bytes=info.head_bytes(dtype_bytes, quant) + layer_bytes(0, first), threads=c.threads,
         kv_bytes_per_position=kv_layer * first)]
     for i, (ch, (start, end)) in enumerate(zip(config.chunks, ranges, strict=True)):
         nodes.append(NodePlan(
@@ -253,9 +258,9 @@ def make_plan(config: ClusterConfig, info) -> ClusterPlan:
 def load_plan(config_file: str | os.PathLike) -> tuple[ClusterConfig, ClusterPlan, object]:
     """Config file -> (config, plan, model info): what every node, the launcher and the bench start from."""
     from .config import load_config
-    from .models import load_model_info, resolve_model_dir
+    from .models import load_model_info
     cfg = load_config(str(config_file))
-    info = load_model_info(resolve_model_dir(cfg.model.name))
+    info = load_model_info(cfg.model.name)
     return cfg, make_plan(cfg, info), info
 
 
@@ -266,7 +271,9 @@ def format_plan(plan: ClusterPlan) -> str:
         layers = f"[{n.layer_start}, {n.layer_end})" if n.num_layers else "-"
         rows.append((n.name, n.role, n.host, n.device, layers, str(n.num_layers), f"{n.weight_bytes / 1e6:.1f}",
                      f"{n.kv_bytes_per_position / 1e3:.1f}" if n.num_layers else "-", n.inbound_topic, n.outbound_topic))
-    head = (f"model {plan.model_path} ({plan.num_layers} layers, {plan.dtype}, {plan.kernels} kernels, "
+    weights = (f"{plan.quantization} weights (activations {plan.dtype} between layers)"
+               if plan.quantization != "none" else f"{plan.dtype} weights")
+    head = (f"model {plan.model_path} ({plan.num_layers} layers, {weights}, {plan.kernels} kernels, "
             f"context {plan.max_context}); "
             f"ring of {len(plan.chunks)} chunk nodes; namespace {plan.config.namespace or '(none)'}; "
             f"placement {plan.config.placement}")

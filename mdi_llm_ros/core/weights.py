@@ -11,7 +11,8 @@ from typing import Iterable
 
 import torch
 
-from .models import SAFETENSORS_DTYPES, ModelError, ModelInfo, safetensors_layout
+from .errors import ModelError
+from .models import SAFETENSORS_DTYPES, ModelInfo, safetensors_layout
 
 
 def _torch_dtype(code: str) -> torch.dtype | None:
@@ -107,6 +108,10 @@ class TensorReader:
             total += _aligned(end - start)
         return total
 
+    def linear_source(self, name: str) -> torch.Tensor:
+        """A matrix for a quantized node: its float32 values, to be quantized."""
+        return self.read([name], torch.float32)[name]
+
     def rows(self, name: str, dtype: torch.dtype) -> "TensorRows":
         """A 2-D tensor whose rows are read from its file when looked up, never held whole."""
         path = self.info.path / self._file_of(name)
@@ -180,3 +185,89 @@ def meta_model(config) -> torch.nn.Module:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     return model.eval()
+
+
+class GGUFWeights:
+    """Reads named tensors of a GGUF model, and only those (same interface as TensorReader).
+
+    Each tensor is read by offset and turned into what the node computes with: float values
+    (`read`, the same numbers `transformers` de-quantizes), or the file's own integer blocks
+    where they map exactly onto the kernels (`linear_source`)."""
+
+    def __init__(self, info: ModelInfo) -> None:
+        from .gguf import GGUFData
+        self.info = info
+        self.names_read: list[str] = []
+        self.data = GGUFData(info.gguf_layout, info.text_config)
+
+    def read(self, names: Iterable[str], dtype: torch.dtype, device: str = "cpu",
+             buffer: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        out = {}
+        for n in names:
+            self._check(n)
+            out[n] = torch.from_numpy(self.data.floats(n)).to(device=device, dtype=dtype)
+            self.names_read.append(n)
+        return out
+
+    def _check(self, name: str) -> None:
+        if name not in self.info.tensor_files:
+            raise ModelError(f"tensor {name!r} is not in {self.info.gguf}; is this a Llama-family model?")
+
+    def stored_bytes(self, names: Iterable[str]) -> int:
+        """Bytes the named tensors take as float32 (what `read` returns for a buffer)."""
+        return sum(_aligned(4 * _elements(self.info.tensor_shapes[n])) for n in names)
+
+    def linear_source(self, name: str):
+        """A matrix for a quantized node: the file's own Q4_0/Q4_1/Q8_0 blocks (core.quant weights),
+        else its float32 values, to be re-quantized."""
+        from .quant import from_blocks
+        self._check(name)
+        self.names_read.append(name)
+        blocks = self.data.int_blocks(name)
+        if blocks is not None:
+            return from_blocks(*blocks)
+        return torch.from_numpy(self.data.floats(name))
+
+    def rows(self, name: str, dtype: torch.dtype) -> "GGUFRows":
+        self._check(name)
+        self.names_read.append(name)
+        return GGUFRows(self.data, name, dtype)
+
+
+def _elements(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+class GGUFRows:
+    """Rows of a GGUF table read and de-quantized when looked up (see TensorRows)."""
+
+    def __init__(self, data, name: str, dtype: torch.dtype) -> None:
+        self.data, self.name, self.dtype = data, name, dtype
+        self.shape = data.layout.tensors[name].shape
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape[0] * self.shape[1] * torch.empty((), dtype=self.dtype).element_size()
+
+    def block(self, start: int, end: int, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows [start, end) as a (end - start, width) tensor in `dtype`."""
+        if not 0 <= start <= end <= self.shape[0]:
+            raise IndexError(f"rows [{start}, {end}) are outside the table's {self.shape[0]} rows")
+        return torch.from_numpy(self.data.float_rows(self.name, start, end)).to(self.dtype)
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1).tolist()
+        bad = [i for i in flat if not 0 <= i < self.shape[0]]
+        if bad:
+            raise IndexError(f"row {bad[0]} is outside the table's {self.shape[0]} rows")
+        rows = [self.block(i, i + 1) for i in flat]
+        out = torch.cat(rows) if rows else torch.empty((0, self.shape[1]), dtype=self.dtype)
+        return out.view(*ids.shape, self.shape[1])
+
+
+def open_weights(info: ModelInfo):
+    """The reader of a model's weights: GGUF blocks or safetensors."""
+    return GGUFWeights(info) if info.gguf is not None else TensorReader(info)

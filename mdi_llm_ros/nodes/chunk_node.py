@@ -51,17 +51,12 @@ class ChunkNode(Node):
         n = self.plan_node = plan.node(name)
         if n.role != "chunk":
             raise SystemExit(f"{name!r} is not a chunk node in {config_file}")
-        chunk_cfg = cfg.chunks[n.hop]
         set_threads(n.threads)
         self.cluster = cfg.namespace
         self.auth = NodeAuth(cfg.key(), cfg.auth_max_age_s)
         t0 = time.monotonic()
         self.get_logger().info(f"{name}: loading layers [{n.layer_start}, {n.layer_end}) on {n.device} ...")
-        c = cfg.coordinator
-        executor = ChunkExecutor(info, n.layer_start, n.layer_end, device=n.device, dtype=plan.dtype,
-                                 kernels=plan.kernels, max_cached_requests=chunk_cfg.max_cached_requests,
-                                 cache_idle_timeout_s=chunk_cfg.cache_idle_timeout_s,
-                                 plausible_ids=4 * (c.max_inflight + c.queue_limit) + 64)
+        executor = ChunkExecutor.for_plan(plan, n, info, progress=self.get_logger().info)
         # The largest legal activation: a prefill of the whole context.
         max_payload = plan.max_context * info.hidden_size * DTYPE_BYTES[plan.dtype]
         self.handler = ChunkHandler(executor, cluster=self.cluster, hop=n.hop, max_payload_bytes=max_payload,
@@ -69,8 +64,10 @@ class ChunkNode(Node):
                                     epoch_silence_s=EPOCH_SILENCE_HEARTBEATS * cfg.heartbeat_period_s)
         layers = ("own decoder layers" if executor.native is not None
                   else f"transformers' decoder layers ({executor.fallback_reason})")
+        weights = (f"{plan.quantization} weights ({executor.describe_sources()})" if plan.quantization != "none"
+                   else f"{plan.dtype} weights, {plan.kernels} kernels")
         self.get_logger().info(f"{name}: {executor.parameter_bytes / 1e6:.1f} MB of weights loaded in "
-                               f"{time.monotonic() - t0:.1f} s, {layers}, {plan.kernels} kernels; inbound "
+                               f"{time.monotonic() - t0:.1f} s from {info.source}, {layers}, {weights}; inbound "
                                f"{n.inbound_topic} -> {n.outbound_topic}")
         self.pub = self.create_publisher(ActivationBatch, n.outbound_topic, RING_QOS)
         self.status_pub = self.create_publisher(NodeStatus, status_topic(self.cluster), STATUS_QOS)

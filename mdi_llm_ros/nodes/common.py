@@ -29,7 +29,7 @@ from mdi_llm_ros.msg import Activation, ActivationBatch, NodeStatus
 from ..core.auth import Sealer
 from ..core.errors import ConfigError
 from ..core.liveness import EVENTS_FD_ENV
-from ..core.models import ModelError
+from ..core.errors import ModelError
 from ..core.message import HopMessage
 from ..qos import RING_QOS
 from ..signing import Gate, seal

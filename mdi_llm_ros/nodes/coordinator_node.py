@@ -55,8 +55,7 @@ class CoordinatorNode(Node):
         c = plan.coordinator
         set_threads(c.threads)
         t0 = time.monotonic()
-        self.model = CoordinatorModel(info, device=c.device, dtype=plan.dtype, kernels=plan.kernels,
-                                      layers=(0, c.layer_end) if c.layer_end else None)
+        self.model = CoordinatorModel.for_plan(plan, info)
         self.get_logger().info(f"coordinator: model parts loaded in {time.monotonic() - t0:.1f} s "
                                f"({self.model.parameter_bytes / 1e6:.1f} MB)")
         self.bytes_received = 0
@@ -255,6 +254,11 @@ class CoordinatorNode(Node):
         except RequestError as exc:
             goal_handle.abort()
             return self._answer(result, GenerationResult.failure(exc.code, exc.message), goal)
+        except Exception as exc:       # never leave a caller without an answer
+            self.get_logger().error(f"/generate_stream failed: {exc!r}")
+            goal_handle.abort()
+            return self._answer(result, GenerationResult.failure(ErrorCode.INTERNAL, f"coordinator error: {exc!r}"),
+                                goal)
         r = self._wait(handle, lambda: goal_handle.is_cancel_requested)
         if goal_handle.is_cancel_requested and r.finish_reason == "cancelled":
             goal_handle.canceled()
