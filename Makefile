@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 MDI := $(VENV)/bin/mdi-llm
 PYTEST_ARGS ?=
 
-.PHONY: setup model demo test test-fast plan bench clean
+.PHONY: setup model demo test test-fast plan bench peers clean
 
 setup:
 	@scripts/bootstrap.sh
@@ -28,6 +28,14 @@ test-fast: model
 
 plan: model
 	@$(MDI) plan --config config/cluster.yaml
+
+# Opt-in, never needed by `make test`: llama.cpp from the llama-cpp-python source package, the
+# peer `mdi-llm bench --peers` measures the ring against (several minutes on 2 cores, once).
+peers: setup
+	@PY=$(PY) bash mdi_llm_ros/tools/bench/build_peers.sh
+
+bench: peers
+	@$(MDI) bench --peers --synthetic --secret
 
 clean:
 	rm -rf build install log .pytest_cache

@@ -156,7 +156,10 @@ def cmd_bench(args) -> int:
     res = run_bench(quick=args.quick, pin=args.pin, threads=args.threads, model=args.model,
                     out_dir=Path(args.out), ks=ints(args.k), ns=ints(args.n), tokens=args.tokens,
                     netlab=args.netlab, rate=args.rate,
-                    kernels=args.kernels.split(",") if args.kernels else None, long_prompt=args.long_prompt)
+                    kernels=args.kernels.split(",") if args.kernels else None,
+                    quantization=([q for q in args.quantization.split(",") if q] if args.quantization is not None
+                                  else None),
+                    long_prompt=args.long_prompt, peers=args.peers, synthetic=args.synthetic, secret=args.secret)
     ok = all(s["ok"] for ring in res["rings"] for s in ring["scenarios"])
     return 0 if ok else 1
 
@@ -247,8 +250,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, help="new tokens per request (default 64; quick 24)")
     p.add_argument("--pin", action="store_true", help="pin node i to core i mod cores")
     p.add_argument("--threads", type=int, help="torch threads per node (default: cores / nodes)")
-    p.add_argument("--kernels", help="comma-separated model.kernels to run the rings with "
+    p.add_argument("--kernels", help="comma-separated model.kernels to run float rings with "
                                      "(default exact,packed; with --netlab exact)")
+    p.add_argument("--quantization", help="comma-separated model.quantization of further rings, each with its "
+                                          "`mdi-llm eval` quality (default int4,int8; quick int4; '' for none)")
+    p.add_argument("--peers", action="store_true",
+                   help="also measure llama.cpp on the same GGUF file, in one process and over K of its RPC "
+                        "servers (builds it once from the llama-cpp-python source package: make peers)")
+    p.add_argument("--synthetic", action="store_true",
+                   help="also run int4 rings (and with --peers llama.cpp) on a 1.1B synthetic model "
+                        "(mdi-llm model synth tinyllama-1b, written once)")
+    p.add_argument("--secret", action="store_true",
+                   help="also run the largest ring at the largest N with cluster.secret_file (the cost of the "
+                        "authenticated mode)")
     p.add_argument("--long-prompt", action=argparse.BooleanOptionalAction, default=None,
                    help="time to first token of a ~1500-token prompt, whole prefill against pieces "
                         "(default: on in the full run, off with --quick or --netlab)")

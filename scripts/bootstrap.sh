@@ -62,7 +62,7 @@ if ! is_fresh interfaces "$h" || [ ! -d "$site/mdi_llm_ros/msg" ]; then
 fi
 
 # 3. the Python code ------------------------------------------------------------
-h=$(inputs_hash $(find mdi_llm_ros -name '*.py' | sort) <(echo "$VENV"))
+h=$(inputs_hash $(find mdi_llm_ros -name "*.py" -o -name "*.txt" | sort) <(echo "$VENV"))
 if ! is_fresh python "$h"; then
   say "installing the mdi_llm_ros package into $VENV"
   # drop the previous copy of our own modules so deleted sources do not linger

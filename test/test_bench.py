@@ -32,38 +32,54 @@ def test_table_shows_the_diverging_token():
                          {"mode": "batched", "n": 4, "tokens_per_s": 40.0, "peak_rss": 9e8}],
            "rings": [{"k": 2, "kernels": "packed", "scenarios": [scenario], "peak_rss": {"chunk_0": 5e8}}]}
     table = markdown(res)
-    assert "| ring K=2 packed | 4 | 40.0 | 2.00 | 1.00 |" in table
+    assert "| ring K=2 packed | 4 | 40.0 | 2.00 | 1.00 | - | - |" in table
     assert "NO (token 7, margin 3.2e-05) |" in table
     del scenario["divergence"]
     assert "NO (char 31) |" in markdown(res)
 
 
-def test_memory_table_and_targets_judge_the_run(tmp_path):
-    """The report splits each node's peak memory (weights, most KV held, runtime alone, rest) and
-    judges issue 7's targets on the run's own figures: a chunk over its weights + 350 MB is named."""
-    def ring(k, peaks, weights, kv, tps, n=16):
-        return {"k": k, "kernels": "exact", "network": "localhost", "peak_rss": peaks, "weights": weights,
-                "kv_cache_peak": kv, "scenarios": [
-                    {"n": n, "k": k, "kernels": "exact", "network": "localhost", "tokens_per_s": tps,
-                     "ttft_p50": 0.1, "ttft_p95": 0.2, "per_token_ms": None, "wire_bytes_per_token": 7000,
-                     "greedy_identical": True}]}
-    res = {"model": "m", "tokens": 64, "pin": False, "threads": None, "runtime_floor": 260e6,
+def test_report_judges_issue_15_targets_on_the_runs_own_figures(tmp_path):
+    """Memory split per node, the int4 weights against the float ring's, × llama.cpp from the same run,
+    the quality of each quantization, the key's cost: every target with its figure, met or NOT met."""
+    def ring(k, variant, peaks, weights, tps, secret=False, n=16, per_token=None):
+        scen = [{"n": n, "k": k, "variant": variant, "kernels": "exact", "network": "localhost",
+                 "tokens_per_s": tps, "ttft_p50": 0.1, "ttft_p95": 0.2, "per_token_ms": per_token,
+                 "wire_bytes_per_token": 7000, "greedy_identical": variant == "exact", "secret": secret,
+                 "busy_share": {"coordinator": 0.2, **{f"chunk_{i}": 0.3 for i in range(k)}}}]
+        return {"k": k, "variant": variant, "kernels": "exact", "network": "localhost", "secret": secret,
+                "peak_rss": peaks, "weights": weights, "kv_cache_peak": {"chunk_0": 20e6}, "scenarios": scen}
+    res = {"model": "m", "tokens": 64, "pin": False, "threads": None, "runtime_floor": 200e6,
            "baselines": [{"mode": "sequential", "n": 4, "tokens_per_s": 20.0, "peak_rss": 9e8},
                          {"mode": "batched", "n": 16, "tokens_per_s": 150.0, "peak_rss": 1e9}],
-           "rings": [ring(1, {"coordinator": 540e6, "chunk_0": 790e6}, {"coordinator": 113e6, "chunk_0": 425e6},
-                          {"chunk_0": 55e6}, 170.0),
-                     ring(2, {"coordinator": 540e6, "chunk_0": 550e6, "chunk_1": 545e6},
-                          {"coordinator": 113e6, "chunk_0": 212e6, "chunk_1": 212e6},
-                          {"chunk_0": 27e6, "chunk_1": 27e6}, 160.0)]}
+           "peers": {"prompt_tokens": 16, "one_process": {"16": {"tokens_per_s": 200.0}},
+                     "rpc": {"2": {"16": {"tokens_per_s": 100.0}, "1": {"tokens_per_s": 50.0},
+                                   "peak_rss": {"rpc-server 0": 105e6}}},
+                     "one_process_peak_rss": 133e6},
+           "rings": [ring(3, "exact", {"coordinator": 540e6, "chunk_0": 450e6}, {"coordinator": 113e6,
+                                                                                 "chunk_0": 150e6}, 160.0),
+                     ring(3, "int4", {"coordinator": 370e6, "chunk_0": 300e6}, {"coordinator": 67e6,
+                                                                                "chunk_0": 24e6}, 210.0),
+                     ring(2, "int4", {"coordinator": 350e6, "chunk_0": 310e6, "chunk_1": 305e6},
+                          {"coordinator": 67e6, "chunk_0": 33e6, "chunk_1": 33e6}, 45.0, n=1, per_token=20.0),
+                     ring(3, "int4", {"coordinator": 370e6, "chunk_0": 300e6}, {"coordinator": 67e6,
+                                                                                "chunk_0": 24e6}, 206.0, True)],
+           "quality": [{"quantization": "int4", "ppl": 23.5, "ref_ppl": 23.48, "top1_agreement": 0.991,
+                        "tokens": 4000},
+                       {"quantization": "int8", "ppl": 23.56, "ref_ppl": 23.48, "top1_agreement": 0.966,
+                        "tokens": 4000}]}
     table = markdown(res)
-    assert "| ring K=1 | chunk_0 | 790 | 425 | 55 | 260 | 50 | 775 | NO (+15) |" in table
-    assert "| ring K=2 | chunk_1 | 545 | 212 | 27 | 260 | 46 | 562 | yes |" in table
-    assert "| ring K=1 | coordinator | 540 | 113 | - | - | - | 563 | yes |" in table
-    assert "* K=2, N=16 ≥ 4× sequential: exact 8.00× met" in table
-    assert "* K=2, N=16 ≥ 1.0× batched: exact 1.07× met" in table
-    assert ("* exact: chunk peak ≤ weights + 350 MB NOT met (K=1 chunk_0 +15 MB); falls as K grows met "
-            "(790 → 550 MB); coordinator ≤ head + 450 MB met") in table
-    assert "* greedy output identical to transformers: met (2 of 2 ring scenarios)" in table
-    assert "K=3" not in table                       # not measured: not judged
-    plot(res, tmp_path / "bench.png")               # the memory bars stacked from the same split
+    assert "| ring K=3 int4 | chunk_0 | 300 | 24 | 0.160 | 20 | 200 | 56 |" in table
+    assert "| llama.cpp over 2 RPC servers | rpc-server 0 | 105 |" in table
+    assert "| ring K=2 int4 | 1 | 45.0 | 2.25 | - | - | 0.90 |" in table
+    assert "| ring K=2 int4 | 20.0 | 4.0 | 6.0 + 6.0 | 4.0 | 20% |" in table        # one token's time
+    assert "* int4 K=2, N=1 ≥ 1.0× llama.cpp over 2 RPC servers: 45.0 / 50.0 = 0.90× NOT met" in table
+    assert "* int4 chunk weights ≤ 0.17× their fp32 share: at most 0.160× (K=3 chunk_0) met" in table
+    assert "* int4 K=3 chunk node peak RSS ≤ 330 MB: at most 300 MB met" in table
+    assert "* int4 coordinator peak RSS ≤ 360 MB: at most 370 MB NOT met" in table
+    assert "* int4 top-1 agreement ≥ 98.0% and perplexity within 1%: 99.10%, perplexity +0.09% met" in table
+    assert "* int8 top-1 agreement ≥ 99.5%: 96.60%, perplexity +0.34% NOT met" in table
+    assert "* the key's cost at ring K=3 int4 + key, N=16 ≤ 3%: +1.9% met" in table
+    assert "* float rings' greedy output identical to transformers: met (1 of 1 scenarios)" in table
+    assert "K=2, N=16" not in table                 # not measured: not judged
+    plot(res, tmp_path / "bench.png")
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

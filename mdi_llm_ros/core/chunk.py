@@ -23,7 +23,7 @@ from .kernels import check_kernels, pack_linears
 from .kvcache import BLOCK_TOKENS, KVBatch, KVPool, RequestKVCache
 from .errors import ModelError
 from .models import ModelInfo, is_quantizable
-from .quant import Int4Linear, check_quantization, quantized_linear
+from .quant import Int4Weight, check_quantization, join_linears, linear_of, quantized_weight
 from .weights import meta_model, open_weights
 
 
@@ -142,15 +142,30 @@ class ChunkExecutor:
         biases = {k[:-len("weight")] + "bias" for k in matrices} & set(names)
         rest = {k: n for k, n in names.items() if k not in matrices and k not in biases}
         bias_of = self.reader.read([names[b] for b in biases], self.dtype, str(self.device))
-        for key, name in matrices.items():
+        linears: dict[str, nn.Module] = {}
+        for key, name in matrices.items():          # made and packed one matrix at a time
+            kind = info.tensor_kinds.get(name, "F32")
+            w = quantized_weight(self.reader.linear_source(name), self.quantization, kind)
+            fmt = "int4" if isinstance(w, Int4Weight) else "int8"
+            self.weight_sources[f"{kind} {'as is' if w.exact else 're-quantized'} to {fmt}"] += 1
+            linears[key] = linear_of(w, bias_of.get(names.get(key[:-len("weight")] + "bias", "")), self.device)
+            del w
+        if self.native is not None and not bias_of:       # q, k, v and gate, up as one matmul each
+            for owner, parts, fused in (("self_attn", ("q_proj", "k_proj", "v_proj"), "qkv_proj"),
+                                        ("mlp", ("gate_proj", "up_proj"), "gate_up_proj")):
+                keys = [f"{owner}.{p}.weight" for p in parts]
+                joined = join_linears([linears[k] for k in keys]) if all(k in linears for k in keys) else None
+                if joined is not None:
+                    module = layer.get_submodule(owner)
+                    for k, p in zip(keys, parts, strict=True):
+                        del linears[k]
+                        delattr(module, p)
+                    linears[f"{owner}.{fused}.weight"] = joined
+        for key, linear in linears.items():
             owner, _, attr = key[:-len(".weight")].rpartition(".")
             parent = layer.get_submodule(owner) if owner else layer
-            bias = bias_of.get(names.get(key[:-len("weight")] + "bias", ""))
-            kind = info.tensor_kinds.get(name, "F32")
-            linear = quantized_linear(self.reader.linear_source(name), bias, self.quantization, self.device, kind)
             setattr(parent, attr, linear)
-            fmt = "int4" if isinstance(linear, Int4Linear) else "int8"
-            self.weight_sources[f"{kind} {'as is' if linear.exact else 're-quantized'} to {fmt}"] += 1
+            bias = linear.bias
             self.parameter_bytes += linear.nbytes + (bias.numel() * bias.element_size() if bias is not None else 0)
         return rest
 

@@ -19,10 +19,12 @@ from .decoder import DecoderSpec, RMSNorm
 from .errors import ErrorCode, RequestError
 from .kernels import PackedHead, check_kernels
 from .models import ModelInfo
-from .quant import Int8Linear, check_quantization, to_int8
+from .formats import head_format
+from .quant import GROUP, ROW_SLICE, Int4Linear, Int8Linear, RefinedHead, check_quantization, to_int4, to_int8
 from .tokenizer import TextTokenizer
 from .weights import meta_model, open_weights
 
+HEAD_REFINE = 32         # logits of each position a quantized head recomputes in float32 (see RefinedHead)
 # Stands for the user's text while the chat template is rendered (never tokenized itself).
 _CONTENT = "\uE000mdi-user-content\uE000"
 
@@ -47,14 +49,13 @@ class CoordinatorModel:
         head_name = "model.embed_tokens.weight" if info.tied_embeddings else "lm_head.weight"
         t = self.reader.read(["model.norm.weight"], self.dtype, str(self.device))
         if quantization != "none":
-            # the embedding and the head stay 8-bit, at the file's own precision (a GGUF Q8_0 table
-            # kept as it is): a 4-bit head changed greedy text after a few tokens
-            head = Int8Linear(to_int8(self.reader.linear_source(head_name)), None, self.device)
-            table = head if info.tied_embeddings else Int8Linear(
-                to_int8(self.reader.linear_source("model.embed_tokens.weight")), None, self.device)
-            self.embed = functools.partial(table.rows, dtype=self.dtype)
+            # Embedding rows are read from the file when looked up (their exact values; no
+            # second copy in memory), and so are the head rows its refinement needs.
+            head = RefinedHead(quantized_head(self.reader, head_name, info, self.device),
+                               self.reader.rows(head_name, torch.float32), HEAD_REFINE)
+            self.embed = self.reader.rows("model.embed_tokens.weight", self.dtype)
             self.head: Callable[[torch.Tensor], torch.Tensor] = head
-            self.parameter_bytes = head.nbytes + (0 if table is head else table.nbytes)
+            self.parameter_bytes = head.nbytes
         elif kernels == "packed":
             # the head keeps only its reordered copy; embedding rows are read when looked up
             self.embed = self.reader.rows("model.embed_tokens.weight", self.dtype)
@@ -142,6 +143,16 @@ class CoordinatorModel:
         """(batch, 1, hidden) last positions -> (batch, vocab) float32 logits."""
         x = self.norm(last.to(device=self.device, dtype=self.dtype))
         return self.head(x)[:, -1].float()
+
+
+def quantized_head(reader, name: str, info: ModelInfo, device: torch.device) -> torch.nn.Module:
+    """The LM head of a quantized node (formats.head_format), made a slice of rows at a time from
+    the file, so that neither its float values nor its unpacked integers exist whole."""
+    rows = info.tensor_shapes[name][0]
+    slices = (reader.linear_rows(name, s, min(s + ROW_SLICE, rows)) for s in range(0, rows, ROW_SLICE))
+    if head_format(info.tensor_kinds.get(name, "F32")) == "int4":
+        return Int4Linear((to_int4(w) for w in slices), None, device, rows=rows)
+    return Int8Linear((to_int8(w, group=GROUP) for w in slices), None, device, rows=rows)
 
 
 def eos_ids(info: ModelInfo, tokenizer: TextTokenizer) -> set[int]:

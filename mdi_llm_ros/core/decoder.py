@@ -204,6 +204,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, kv_out, bias=spec.qkv_bias)
         self.v_proj = nn.Linear(h, kv_out, bias=spec.qkv_bias)
         self.o_proj = nn.Linear(q_out, h, bias=spec.o_bias)
+        self.qkv_proj: nn.Module | None = None
+        self.qkv_sizes = (q_out, kv_out, kv_out)
         if spec.qk_norm:
             self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, spec.norm_offset)
             self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, spec.norm_offset)
@@ -214,11 +216,15 @@ class Attention(nn.Module):
                 mask: torch.Tensor | None) -> torch.Tensor:
         batch, seq, _ = x.shape                                         # x: (batch, seq, hidden)
         shape = (batch, seq, -1, self.head_dim)
-        q, k = self.q_proj(x).view(shape), self.k_proj(x).view(shape)  # (batch, seq, heads, head_dim)
+        if self.qkv_proj is not None:       # one integer matmul for q, k and v (a quantized chunk joins them)
+            q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+            q, k, v = q.reshape(shape), k.reshape(shape), v.reshape(shape)
+        else:
+            q, k, v = self.q_proj(x).view(shape), self.k_proj(x).view(shape), self.v_proj(x).view(shape)
+        # q, k, v: (batch, seq, heads, head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)                     # (batch, heads, seq, head_dim)
-        v = self.v_proj(x).view(shape).transpose(1, 2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # (batch, heads, seq, head_dim)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)                   # (batch, 1, seq, head_dim)
         q = (q * cos) + (_rotate_half(q) * sin)
         k = (k * cos) + (_rotate_half(k) * sin)
@@ -254,11 +260,15 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias)
         self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=spec.mlp_bias)
         self.gelu = spec.activation == "gelu_tanh"
+        self.gate_up_proj: nn.Module | None = None     # a quantized chunk joins gate and up
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = self.gate_proj(x)
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
         gate = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
-        return self.down_proj(gate * self.up_proj(x))
+        return self.down_proj(gate * up)
 
 
 class DecoderLayer(nn.Module):

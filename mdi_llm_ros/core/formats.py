@@ -16,3 +16,13 @@ FINER_THAN_4_BIT = ("Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0", "Q8_1", "Q8_K")
 def linear_format(quantization: str, stored: str) -> str:
     """int4 or int8: what a matrix stored as `stored` (a GGUF type, or F32/F16/BF16) becomes."""
     return "int8" if quantization == "int8" or stored in FINER_THAN_4_BIT else "int4"
+
+
+# GGUF types whose blocks map exactly onto the int4 kernels' groups (core.gguf.GGUFData.int_blocks).
+EXACT_4_BIT = ("Q4_0", "Q4_1", "Q4_K")
+
+
+def head_format(stored: str) -> str:
+    """What a quantized node's LM head becomes: the file's own 4-bit blocks where it has them, else
+    8-bit by groups of 32 (a head re-quantized to 4 bits changed greedy text after a few tokens)."""
+    return "int4" if stored in EXACT_4_BIT else "int8"

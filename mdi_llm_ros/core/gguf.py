@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,33 +80,31 @@ class GGUFLayout:
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> "GGUFLayout":
-        from gguf import GGUFReader
         path = Path(path)
         try:
-            reader = GGUFReader(path)
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"{path} is not a readable GGUF file: {exc}") from exc
-        metadata = {}
-        for key, field in reader.fields.items():
-            if key.startswith("tokenizer.ggml.") and key not in ("tokenizer.ggml.bos_token_id",
-                                                                 "tokenizer.ggml.eos_token_id"):
-                continue            # vocabularies: the prepared tokenizer.json holds them
-            try:
-                metadata[key] = field.contents()
-            except Exception:  # noqa: BLE001 - a field this gguf version cannot decode is not one we need
-                continue
+            with open(path, "rb") as f:
+                header = _Header(f).parse()
+        except (OSError, ValueError, struct.error) as exc:
+            raise ModelError(f"{path} is not a readable GGUF file: {exc}; get the file again") from exc
+        metadata, infos, data_start = header
         architecture = str(metadata.get("general.architecture", ""))
         if architecture not in ARCHITECTURES:
             raise ModelError(f"{path}: GGUF architecture {architecture!r} cannot be served; supported: "
                              f"{', '.join(sorted(ARCHITECTURES))}")
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
         tensors = {}
-        for t in reader.tensors:
-            name = hf_name(t.name, architecture)
+        for gguf_name, dims, type_id, offset in infos:
+            name = hf_name(gguf_name, architecture)
             if name is None:
                 continue
-            shape = tuple(int(s) for s in reversed(t.shape.tolist()))
-            tensors[name] = GGUFTensor(t.name, t.tensor_type.name, shape, int(t.data_offset), int(t.n_bytes))
-        del reader                  # its memory map of the whole file goes with it
+            kind = GGMLQuantizationType(type_id)
+            block, block_bytes = GGML_QUANT_SIZES[kind]
+            shape = tuple(reversed(dims))                   # GGUF lists the fastest-moving dimension first
+            elements = 1
+            for d in dims:
+                elements *= d
+            tensors[name] = GGUFTensor(gguf_name, kind.name, shape, data_start + offset,
+                                       elements // block * block_bytes)
         return cls(path, architecture, metadata, tensors)
 
     @property
@@ -132,22 +131,37 @@ class GGUFData:
         except (OSError, AttributeError):
             pass
 
-    def raw(self, name: str) -> np.ndarray:
-        """The stored bytes of a tensor, (rows, bytes per row) uint8."""
+    def raw(self, name: str, start: int = 0, end: int | None = None) -> np.ndarray:
+        """The stored bytes of a tensor's rows [start, end), (rows, bytes per row) uint8."""
         t = self.layout.tensors[name]
-        buf = np.empty(t.nbytes, dtype=np.uint8)
-        self._pread(buf, t.offset, t.gguf_name)
-        return buf.reshape(t.shape[0], -1) if len(t.shape) > 1 else buf.reshape(1, -1)
+        if len(t.shape) < 2:
+            buf = np.empty(t.nbytes, dtype=np.uint8)
+            self._pread(buf, t.offset, t.gguf_name)
+            return buf.reshape(1, -1)
+        end = t.shape[0] if end is None else end
+        row_bytes = t.nbytes // t.shape[0]
+        buf = np.empty((end - start) * row_bytes, dtype=np.uint8)
+        self._pread(buf, t.offset + start * row_bytes, t.gguf_name)
+        return buf.reshape(end - start, row_bytes)
+
+    def float_rows_at(self, name: str, ids: list[int]) -> np.ndarray:
+        """float32 rows `ids` of a matrix (len(ids), cols): one read per row, one de-quantization."""
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize
+        t = self.layout.tensors[name]
+        row_bytes = t.nbytes // t.shape[0]
+        buf = np.empty((len(ids), row_bytes), dtype=np.uint8)
+        for k, i in enumerate(ids):
+            self._pread(buf[k], t.offset + i * row_bytes, t.gguf_name)
+        values = dequantize(buf, GGMLQuantizationType[t.kind]).astype(np.float32, copy=False)
+        return self._as_hf(name, values.reshape(len(ids), t.shape[1]))
 
     def float_rows(self, name: str, start: int, end: int) -> np.ndarray:
         """float32 rows [start, end) of a matrix, read and de-quantized alone (an embedding's rows)."""
         from gguf import GGMLQuantizationType
         from gguf.quants import dequantize
         t = self.layout.tensors[name]
-        row_bytes = t.nbytes // t.shape[0]
-        buf = np.empty((end - start) * row_bytes, dtype=np.uint8)
-        self._pread(buf, t.offset + start * row_bytes, t.gguf_name)
-        values = dequantize(buf.reshape(end - start, row_bytes), GGMLQuantizationType[t.kind])
+        values = dequantize(self.raw(name, start, end), GGMLQuantizationType[t.kind])
         return self._as_hf(name, values.astype(np.float32, copy=False).reshape(end - start, t.shape[1]))
 
     def _pread(self, buf: np.ndarray, offset: int, what: str) -> None:
@@ -178,7 +192,8 @@ class GGUFData:
             values = values - np.float32(1.0)
         return values
 
-    def int_blocks(self, name: str) -> tuple[str, np.ndarray, np.ndarray, np.ndarray | None] | None:
+    def int_blocks(self, name: str, start: int = 0,
+                   end: int | None = None) -> tuple[str, np.ndarray, np.ndarray, np.ndarray | None] | None:
         """The file's own blocks of a matrix whose groups of 32 map exactly onto the integer
         kernels, rows in the Hugging Face order: (form, q, d, m), q (rows, cols), d and m float32
         (rows, cols / 32):
@@ -187,15 +202,20 @@ class GGUFData:
         * "q4_affine" (Q4_1, and Q4_K's sub-blocks of 32): q uint8 0..15, w = q * d + m;
         * "q8" (Q8_0): q int8, w = q * d.
 
-        None for any other type (it is de-quantized and re-quantized)."""
+        None for any other type (it is de-quantized and re-quantized). Rows [start, end) only, if
+        given: a large table is converted a slice at a time."""
         t = self.layout.tensors[name]
         if t.kind not in ("Q4_0", "Q4_1", "Q8_0", "Q4_K") or len(t.shape) != 2:
             return None
-        rows, cols = t.shape
+        end = t.shape[0] if end is None else end
+        rows, cols = end - start, t.shape[1]
+        permuted = self.layout.architecture in ("llama", "mistral") and (".q_proj." in name or ".k_proj." in name)
+        if permuted and rows != t.shape[0]:
+            raise ValueError(f"{name}: its rows are permuted per head; read it whole")
         if t.kind == "Q4_K":
-            form, (q, d, m) = "q4_affine", _q4_k_groups(self.raw(name), rows, cols)
+            form, (q, d, m) = "q4_affine", _q4_k_groups(self.raw(name, start, end), rows, cols)
         else:
-            blocks = self.raw(name).reshape(rows, cols // BLOCK, -1)       # (rows, blocks, bytes per block)
+            blocks = self.raw(name, start, end).reshape(rows, cols // BLOCK, -1)   # (rows, blocks, bytes per block)
             d = blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
             m = None
             if t.kind == "Q8_0":
@@ -207,7 +227,7 @@ class GGUFData:
                     m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
                 packed = blocks[..., start:start + 16]                      # (rows, blocks, 16)
                 q = np.concatenate([packed & 0x0F, packed >> 4], axis=-1).reshape(rows, cols)
-        if self.layout.architecture in ("llama", "mistral") and (".q_proj." in name or ".k_proj." in name):
+        if permuted:
             heads = int(self.config["num_attention_heads"])
             if ".k_proj." in name:
                 heads = int(self.config.get("num_key_value_heads") or heads)
@@ -230,6 +250,71 @@ def _q4_k_groups(raw: np.ndarray, rows: int, cols: int) -> tuple[np.ndarray, np.
     qs = blocks[:, 4 + Q4_K.K_SCALE_SIZE:].reshape(n, -1, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
     q = (qs & np.uint8(0x0F)).reshape(rows, cols)
     return q, scale.reshape(rows, cols // 32), (-minus).reshape(rows, cols // 32)
+
+
+class _Header:
+    """A GGUF header read field by field: metadata values (vocabularies skipped, not decoded:
+    the prepared tokenizer.json holds them, and decoding 50k strings costs ~100 MB at its peak)
+    and each tensor's name, dimensions, type and offset."""
+
+    _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
+                12: "<d"}
+    _STRING, _ARRAY = 8, 9
+
+    def __init__(self, f) -> None:
+        self.f = f
+
+    def _unpack(self, fmt: str):
+        size = struct.calcsize(fmt)
+        raw = self.f.read(size)
+        if len(raw) != size:
+            raise ValueError("the file ends inside its header")
+        return struct.unpack(fmt, raw)[0]
+
+    def _string(self) -> str:
+        n = self._unpack("<Q")
+        return self.f.read(n).decode("utf-8", errors="replace")
+
+    def _value(self, kind: int, keep: bool):
+        if kind in self._SCALARS:
+            return self._unpack(self._SCALARS[kind])
+        if kind == self._STRING:
+            if keep:
+                return self._string()
+            self.f.seek(self._unpack("<Q"), os.SEEK_CUR)
+            return None
+        if kind == self._ARRAY:
+            item, count = self._unpack("<I"), self._unpack("<Q")
+            if item in self._SCALARS and not keep:
+                self.f.seek(count * struct.calcsize(self._SCALARS[item]), os.SEEK_CUR)
+                return None
+            values = [self._value(item, keep) for _ in range(count)]
+            return values if keep else None
+        raise ValueError(f"unknown GGUF value type {kind}")
+
+    def parse(self) -> tuple[dict, list[tuple[str, list[int], int, int]], int]:
+        if self.f.read(4) != b"GGUF":
+            raise ValueError("no GGUF magic number")
+        version = self._unpack("<I")
+        if version not in (2, 3):
+            raise ValueError(f"GGUF version {version} is not read here (2 and 3 are)")
+        n_tensors, n_fields = self._unpack("<Q"), self._unpack("<Q")
+        metadata = {}
+        for _ in range(n_fields):
+            key = self._string()
+            keep = not key.startswith("tokenizer.ggml.") or key in ("tokenizer.ggml.bos_token_id",
+                                                                    "tokenizer.ggml.eos_token_id")
+            value = self._value(self._unpack("<I"), keep)
+            if keep:
+                metadata[key] = value
+        infos = []
+        for _ in range(n_tensors):
+            name = self._string()
+            dims = [self._unpack("<Q") for _ in range(self._unpack("<I"))]
+            infos.append((name, dims, self._unpack("<I"), self._unpack("<Q")))
+        align = int(metadata.get("general.alignment", 32))
+        start = self.f.tell()
+        return metadata, infos, (start + align - 1) // align * align
 
 
 def unpermute_rows(values: np.ndarray, heads: int) -> np.ndarray:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import ModelError
-from .formats import linear_format
+from .formats import head_format, linear_format
 
 MARKER = ".mdi-prepared.json"
 GROUP = 32              # int4 and Q8_0 group size (core.quant.GROUP)
@@ -279,18 +279,25 @@ class ModelInfo:
     def tensor_weight_bytes(self, name: str, dtype_bytes: int, quantization: str = "none") -> int:
         """Bytes a node holds for one tensor: float in the configured dtype, or the integer form
         (core.quant): int4, half a byte per weight and a bfloat16 scale and zero per group of 32;
-        int8, a byte per weight and a float32 + a bfloat16 scale per row, or per group of 32 for a
-        GGUF Q8_0 tensor kept as it is."""
+        int8, a byte per weight and a bfloat16 scale per row, or (a GGUF Q8_0 tensor kept as it
+        is) two int4 halves; the LM head as formats.head_format says; a quantized node's
+        embedding is read from the file when looked up."""
         shape = self.tensor_shapes[name]
         n = 1
         for s in shape:
             n *= s
         if quantization == "none" or not is_quantizable(name, shape):
             return n * dtype_bytes
+        head = "lm_head.weight" if "lm_head.weight" in self.tensor_shapes else "model.embed_tokens.weight"
+        if name == "model.embed_tokens.weight" and name != head:
+            return 0
         kind = self.tensor_kinds.get(name, "F32")
-        if name.endswith("_proj.weight") and linear_format(quantization, kind) == "int4":
-            return n // 2 + n // GROUP * 4
-        return n + (n // GROUP if kind == "Q8_0" else shape[0]) * 6
+        grouped_int4 = n // 2 + n // GROUP * 4
+        if name == head:
+            return grouped_int4 if head_format(kind) == "int4" else 2 * grouped_int4
+        if kind == "Q8_0":
+            return 2 * grouped_int4
+        return grouped_int4 if linear_format(quantization, kind) == "int4" else n + shape[0] * 2
 
     def layer_bytes(self, index: int, dtype_bytes: int, quantization: str = "none") -> int:
         """Bytes of one decoder layer's tensors on a node."""

@@ -18,12 +18,13 @@ int4 is asymmetric groupwise: w = (q - 8) * scale + zero for q in 0..15, one (sc
 per 32 inputs of a row. A GGUF Q4_0 block (w = (q - 8) * d) and a Q4_1 block (w = q * d + m)
 map onto it exactly (scale d, zero 0 or m + 8 d), so the ring runs the file's own weights.
 int8 is symmetric: w = q * scale, one scale per row, or per group of 32 for a GGUF Q8_0
-tensor, whose blocks are kept as they are (the kernel then runs once per group).
+tensor, whose blocks are kept as they are (computed as two 4-bit halves, see Int8Linear).
 """
 from __future__ import annotations
 
 import platform
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -136,16 +137,68 @@ def check_quantization(quantization: str, device: torch.device) -> None:
                          "set model.quantization: none")
 
 
-class Int4Linear(nn.Module):
-    """nn.Linear with a 4-bit groupwise weight, multiplied by the device's int4 kernel."""
+ROW_SLICE = 1024          # rows of a head made at a time: it never exists whole in float or unpacked
+PACK_ELEMENTS = 1 << 21   # weights packed at a time (8 MB of the int32 the CPU packing wants)
 
-    def __init__(self, weight: Int4Weight, bias: torch.Tensor | None, device: torch.device) -> None:
+
+def _pack_cpu(q: torch.Tensor) -> torch.Tensor:
+    """q (out, in) 0..15 -> the CPU int4 kernel's packed (out, in / 2) uint8, a slice of rows at a
+    time (its layout is row by row, so slices concatenate; the kernel wants int32 input)."""
+    step = max(64, PACK_ELEMENTS // q.shape[1] // 64 * 64)        # the packing wants N % 16 == 0
+    return torch.cat([torch.ops.aten._convert_weight_to_int4pack_for_cpu(q[i:i + step].to(torch.int32), 1)
+                      for i in range(0, q.shape[0], step)])
+
+
+def _scales_and_zeros(w: Int4Weight, device: torch.device) -> torch.Tensor:
+    return torch.stack([w.scale, w.zero], dim=-1).transpose(0, 1).contiguous().to(device=device, dtype=ACT)
+
+
+def _fills_in_place(device: torch.device) -> bool:
+    """Whether the device's packed int4 layout is row by row (slices pack into place)."""
+    return device.type == "cpu" and not arm_kleidiai()
+
+
+class Int4Linear(nn.Module):
+    """nn.Linear with a 4-bit groupwise weight, multiplied by the device's int4 kernel.
+
+    `weight` may be an iterable of row slices (a large head read a slice at a time) with `rows`
+    their total: on the CPU each is packed into place before the next is made, so the unpacked
+    matrix never exists whole and no pieces are left to fragment the heap."""
+
+    def __init__(self, weight: Int4Weight | Iterable[Int4Weight], bias: torch.Tensor | None,
+                 device: torch.device, rows: int | None = None) -> None:
         super().__init__()
+        self.device, self.exact, self.kleidiai = device, True, False
+        self.bias = None if bias is None else bias.detach().to(device).clone()
+        if isinstance(weight, Int4Weight):
+            self._pack_whole(weight, device)
+        elif not _fills_in_place(device):
+            self._pack_whole(concat_weights(list(weight)), device)
+        else:
+            if rows is None:
+                raise ValueError("row slices need their total `rows`")
+            at = 0
+            for w in weight:
+                self.fill(at, w, rows)
+                at += w.q.shape[0]
+            if at != rows:
+                raise ValueError(f"row slices hold {at} rows, not {rows}")
+
+    def fill(self, at: int, w: Int4Weight, rows: int) -> None:
+        """Pack rows [at, at + len(w)) of a `rows`-row weight into place (CPU); the first allocates."""
+        if at == 0:
+            self.out_features, self.in_features = rows, w.q.shape[1]
+            self.packed = torch.empty((rows, self.in_features // 2), dtype=torch.uint8)
+            self.scales_and_zeros = torch.empty((self.in_features // GROUP, rows, 2), dtype=ACT)
+        end = at + w.q.shape[0]
+        self.packed[at:end] = _pack_cpu(w.q)
+        self.scales_and_zeros[:, at:end] = _scales_and_zeros(w, self.device)
+        self.exact = self.exact and w.exact
+
+    def _pack_whole(self, weight: Int4Weight, device: torch.device) -> None:
         self.out_features, self.in_features = weight.q.shape
         self.exact = weight.exact
-        self.device = device
-        sz = torch.stack([weight.scale, weight.zero], dim=-1).transpose(0, 1).contiguous()   # (in/G, out, 2)
-        self.scales_and_zeros = sz.to(device=device, dtype=ACT)
+        self.scales_and_zeros = _scales_and_zeros(weight, device)
         # KleidiAI's kernel is symmetric: only for weights without zero points (GGUF Q4_0)
         self.kleidiai = device.type == "cpu" and arm_kleidiai() and not bool(weight.zero.any())
         if device.type == "cuda":
@@ -158,8 +211,7 @@ class Int4Linear(nn.Module):
                 (q[:, 1::2] << 4 | q[:, ::2]).to(torch.uint8), weight.scale.float(), None, GROUP, self.in_features,
                 self.out_features)
         else:
-            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(weight.q.to(torch.int32), 1)
-        self.bias = None if bias is None else bias.detach().to(device).clone()
+            self.packed = _pack_cpu(weight.q)
 
     @property
     def nbytes(self) -> int:
@@ -179,51 +231,161 @@ class Int4Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-class Int8Linear(nn.Module):
-    """nn.Linear with an 8-bit weight: one kernel call with one scale per row, or (a GGUF Q8_0
-    tensor, kept exactly) one call per group of 32 inputs, summed in float32."""
+def int8_halves(w: Int8Weight) -> tuple[Int4Weight, Int4Weight]:
+    """An 8-bit weight with groups of 32 as two 4-bit ones that add up to it (see Int8Linear)."""
+    u = w.q.to(torch.int16) + 128                                         # 1..255
+    hi, lo = (u >> 4).to(torch.uint8), (u & 15).to(torch.uint8)
+    d = w.scale
+    return (Int4Weight(hi, 16 * d, torch.zeros_like(d), exact=w.exact), Int4Weight(lo, d, 8 * d, exact=w.exact))
 
-    def __init__(self, weight: Int8Weight, bias: torch.Tensor | None, device: torch.device) -> None:
+
+class Int8Linear(nn.Module):
+    """nn.Linear with an 8-bit weight. One scale per row: torch's int8 kernel. One scale per group
+    of 32 (a GGUF Q8_0 tensor kept exactly, or a head quantized by groups): as two 4-bit halves
+    multiplied by the int4 kernel, whose groups carry the scales. With u = q + 128 = 16 hi + lo,
+    q d = (hi - 8) 16 d + (lo - 8) d + 8 d, so two int4 matmuls (scale 16 d; scale d, zero 8 d)
+    add up to the 8-bit product, each accumulated in float32 by the kernel. `weight` may be an
+    iterable of row slices with groups of 32 (a large head, one slice in memory at a time)."""
+
+    def __init__(self, weight: Int8Weight | Iterable[Int8Weight], bias: torch.Tensor | None,
+                 device: torch.device, rows: int | None = None) -> None:
         super().__init__()
-        self.out_features, self.in_features = weight.q.shape
-        self.exact = weight.exact
-        self.group = weight.group
-        q = weight.q.to(device)
-        if self.group == self.in_features:
-            self.parts = [q.contiguous()]
-        else:
-            self.parts = [q[:, g:g + self.group].contiguous() for g in range(0, self.in_features, self.group)]
-        self.scales = [weight.scale[:, i].contiguous().to(device=device, dtype=ACT) for i in range(len(self.parts))]
-        self.scale = weight.scale.to(device)            # float32, for exact row look-ups (embedding)
+        self.halves: list[Int4Linear] = []
+        if isinstance(weight, Int8Weight) and weight.group == weight.q.shape[1]:
+            self.out_features, self.in_features = weight.q.shape
+            self.exact, self.group = weight.exact, weight.group
+            self.q = weight.q.to(device).contiguous()
+            self.scale = weight.scale[:, 0].contiguous().to(device=device, dtype=ACT)
+        elif isinstance(weight, Int8Weight) or not _fills_in_place(device):
+            whole = weight if isinstance(weight, Int8Weight) else concat_weights(list(weight))
+            _check_group(whole)
+            self.halves = [Int4Linear(h, None, device) for h in int8_halves(whole)]
+        else:                           # row slices, each split and packed into place as it comes
+            if rows is None:
+                raise ValueError("row slices need their total `rows`")
+            self.halves = [Int4Linear((), None, device, rows=0) for _ in range(2)]
+            at = 0
+            for w in weight:
+                _check_group(w)
+                for half, part in zip(self.halves, int8_halves(w), strict=True):
+                    half.fill(at, part, rows)
+                at += w.q.shape[0]
+        if self.halves:
+            self.out_features, self.in_features = self.halves[0].out_features, self.halves[0].in_features
+            self.exact, self.group = all(h.exact for h in self.halves), GROUP
         self.bias = None if bias is None else bias.detach().to(device).clone()
 
     @property
     def nbytes(self) -> int:
-        return sum(p.nbytes for p in self.parts) + sum(s.nbytes for s in self.scales) + self.scale.nbytes
+        if self.halves:
+            return sum(h.nbytes for h in self.halves)
+        return self.q.nbytes + self.scale.nbytes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).to(ACT)
-        if len(self.parts) == 1:
-            y = torch.ops.aten._weight_int8pack_mm(flat, self.parts[0], self.scales[0]).to(x.dtype)
+        # x: (..., in) -> (..., out), in x's dtype
+        if self.halves:
+            hi, lo = self.halves
+            y = hi(x).float() + lo(x).float()
         else:
-            y = torch.zeros((flat.shape[0], self.out_features), dtype=torch.float32, device=x.device)
-            for g, (part, scale) in enumerate(zip(self.parts, self.scales, strict=True)):
-                y += torch.ops.aten._weight_int8pack_mm(flat[:, g * self.group:(g + 1) * self.group], part, scale)
-            y = y.to(x.dtype)
-        y = y.view(*x.shape[:-1], self.out_features)
+            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features).to(ACT), self.q, self.scale)
+        y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
-    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """ids (...) -> (..., in): rows of the dequantized weight (an embedding that shares it)."""
-        flat = ids.reshape(-1)
-        q = torch.cat([part[flat] for part in self.parts], dim=1)                         # (rows, in)
-        groups = q.float().view(len(flat), -1, self.group) * self.scale[flat][..., None]
-        return groups.view(*ids.shape, self.in_features).to(dtype)
+
+def _check_group(w: Int8Weight) -> None:
+    if w.group != GROUP:
+        raise ValueError(f"int8 groups of {w.group} inputs: only one per row or {GROUP} are computed")
 
 
-def quantized_linear(weight: torch.Tensor | Int4Weight | Int8Weight, bias: torch.Tensor | None,
-                     quantization: str, device: torch.device, stored: str = "F32") -> nn.Module:
-    """The linear layer of a quantized node, from float or the file's own blocks (see linear_format)."""
-    if linear_format(quantization, stored) == "int4":
-        return Int4Linear(to_int4(weight), bias, device)
-    return Int8Linear(to_int8(weight), bias, device)
+def _joined(parts: list[Int4Linear]) -> Int4Linear:
+    """Row slices of one int4 matrix, packed each on its own, as one layer."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    if any(p.device.type != "cpu" or p.kleidiai or p.in_features != first.in_features for p in parts):
+        raise ValueError("row slices of one width are joined for the x86 CPU kernel only")
+    first.packed = torch.cat([p.packed for p in parts])
+    first.scales_and_zeros = torch.cat([p.scales_and_zeros for p in parts], dim=1)
+    first.out_features = first.packed.shape[0]
+    first.exact = all(p.exact for p in parts)
+    return first
+
+
+class RefinedHead(nn.Module):
+    """An LM head on integer kernels whose few largest logits per position are recomputed in
+    float32. The kernels round their outputs to bfloat16 (~0.4% of a logit), which decides near
+    ties differently from a float32 head; the `refine` largest of each position, the ones greedy
+    decoding and sampling look at, are recomputed from the stored rows, read from the file when
+    needed (`rows(ids)` -> (len, in) float32), so no float copy of the head is held."""
+
+    def __init__(self, linear: nn.Module, rows, refine: int) -> None:
+        super().__init__()
+        self.linear, self.rows, self.refine = linear, rows, refine
+        self.out_features, self.in_features = linear.out_features, linear.in_features
+        self.exact = linear.exact
+
+    @property
+    def nbytes(self) -> int:
+        return self.linear.nbytes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (..., in) -> (..., vocab) logits in x's dtype
+        y = self.linear(x)
+        flat_x, flat_y = x.reshape(-1, self.in_features).float(), y.reshape(-1, self.out_features)
+        top = flat_y.topk(self.refine, dim=-1).indices                                  # (positions, k)
+        ids, where = torch.unique(top, return_inverse=True)
+        w = self.rows(ids).float()                                                      # (unique, in)
+        exact = (flat_x @ w.T).gather(-1, where)                                        # (positions, k)
+        return flat_y.scatter(-1, top, exact.to(flat_y.dtype)).view(y.shape)
+
+
+def quantized_weight(weight: torch.Tensor | Int4Weight | Int8Weight, quantization: str,
+                     stored: str = "F32") -> Int4Weight | Int8Weight:
+    """A matrix of a quantized node, from float or the file's own blocks (see linear_format)."""
+    return to_int4(weight) if linear_format(quantization, stored) == "int4" else to_int8(weight)
+
+
+def linear_of(weight: Int4Weight | Int8Weight, bias: torch.Tensor | None, device: torch.device) -> nn.Module:
+    return Int4Linear(weight, bias, device) if isinstance(weight, Int4Weight) else Int8Linear(weight, bias, device)
+
+
+def join_linears(parts: list[nn.Module]) -> nn.Module | None:
+    """Linear layers without bias stacked by output rows (q, k and v of a layer; gate and up), for one
+    kernel call instead of several, made from their packed forms (so the unpacked integers of a
+    whole layer never exist at once); None where their formats differ or the device's packed
+    layout does not stack by rows."""
+    if any(p.bias is not None for p in parts):
+        return None
+    if all(isinstance(p, Int4Linear) for p in parts):
+        if any(p.device.type != "cpu" or p.kleidiai for p in parts):
+            return None
+        return _joined(parts)
+    if all(isinstance(p, Int8Linear) for p in parts):
+        if all(p.halves for p in parts):
+            joined = [_joined([p.halves[i] for p in parts]) for i in range(2)]
+            first = parts[0]
+            if any(j is None for j in joined):
+                return None
+            first.halves, first.out_features = joined, joined[0].out_features
+            first.exact = all(p.exact for p in parts)
+            return first
+        if not any(p.halves for p in parts):
+            first = parts[0]
+            first.q = torch.cat([p.q for p in parts])
+            first.scale = torch.cat([p.scale for p in parts])
+            first.out_features, first.exact = first.q.shape[0], all(p.exact for p in parts)
+            return first
+    return None
+
+
+def concat_weights(weights: list[Int4Weight | Int8Weight]) -> Int4Weight | Int8Weight | None:
+    """Matrices stacked by rows (q, k and v of a layer; gate and up), for one kernel call instead of
+    several; None where their formats differ."""
+    first = weights[0]
+    if isinstance(first, Int4Weight) and all(isinstance(w, Int4Weight) for w in weights):
+        return Int4Weight(torch.cat([w.q for w in weights]), torch.cat([w.scale for w in weights]),
+                          torch.cat([w.zero for w in weights]), exact=all(w.exact for w in weights))
+    if isinstance(first, Int8Weight) and all(isinstance(w, Int8Weight) and w.group == first.group for w in weights):
+        return Int8Weight(torch.cat([w.q for w in weights]), torch.cat([w.scale for w in weights]), first.group,
+                          exact=all(w.exact for w in weights))
+    return None

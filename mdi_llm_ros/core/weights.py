@@ -112,6 +112,10 @@ class TensorReader:
         """A matrix for a quantized node: its float32 values, to be quantized."""
         return self.read([name], torch.float32)[name]
 
+    def linear_rows(self, name: str, start: int, end: int) -> torch.Tensor:
+        """Rows [start, end) of a matrix for a quantized node (a large head, a slice at a time)."""
+        return self.rows(name, torch.float32).block(start, end)
+
     def rows(self, name: str, dtype: torch.dtype) -> "TensorRows":
         """A 2-D tensor whose rows are read from its file when looked up, never held whole."""
         path = self.info.path / self._file_of(name)
@@ -228,6 +232,15 @@ class GGUFWeights:
             return from_blocks(*blocks)
         return torch.from_numpy(self.data.floats(name))
 
+    def linear_rows(self, name: str, start: int, end: int):
+        """Rows [start, end) of a matrix, as linear_source gives the whole (a large head, a slice at a time)."""
+        from .quant import from_blocks
+        self._check(name)
+        blocks = self.data.int_blocks(name, start, end)
+        if blocks is not None:
+            return from_blocks(*blocks)
+        return torch.from_numpy(self.data.float_rows(name, start, end))
+
     def rows(self, name: str, dtype: torch.dtype) -> "GGUFRows":
         self._check(name)
         self.names_read.append(name)
@@ -263,8 +276,9 @@ class GGUFRows:
         bad = [i for i in flat if not 0 <= i < self.shape[0]]
         if bad:
             raise IndexError(f"row {bad[0]} is outside the table's {self.shape[0]} rows")
-        rows = [self.block(i, i + 1) for i in flat]
-        out = torch.cat(rows) if rows else torch.empty((0, self.shape[1]), dtype=self.dtype)
+        if not flat:
+            return torch.empty((*ids.shape, self.shape[1]), dtype=self.dtype)
+        out = torch.from_numpy(self.data.float_rows_at(self.name, flat)).to(self.dtype)
         return out.view(*ids.shape, self.shape[1])
 
 

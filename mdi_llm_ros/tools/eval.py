@@ -93,7 +93,7 @@ def evaluate(config_path: str | None, text_path: Path, quantization: str | None 
                 hidden = chunk.forward(w, 0, position, hidden, prefill=True)
                 chunk.release(w)
             normed = model.norm(hidden[0].to(model.dtype))                               # (seq, hidden)
-            nll, best = _scores(lambda a, b: model.head(normed[a:b]), ids, window)
+            nll, best = _scores(lambda a, b, head=model.head, x=normed: head(x[a:b]), ids, window)
             ring_nll += nll
             ring_best.append(best)
             log(f"[eval] ring: window {w + 1}/{len(windows)}")

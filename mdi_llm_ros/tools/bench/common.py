@@ -42,8 +42,19 @@ def child_json(args: list[str], what: str, timeout: float = 1800) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+# What a ring runs: its kernels (float weights) or its quantization (integer weights, exact kernels).
+VARIANTS = {"exact": ("exact", "none"), "packed": ("packed", "none"), "int4": ("exact", "int4"),
+            "int8": ("exact", "int8")}
+
+
+def variant_of(ring: dict) -> str:
+    return ring.get("variant", ring.get("kernels", "exact"))
+
+
 def ring_label(ring: dict) -> str:
-    return f"ring K={ring['k']}" + (" packed" if ring.get("kernels", "exact") == "packed" else "")
+    variant = variant_of(ring)
+    return (f"ring K={ring['k']}" + ("" if variant == "exact" else f" {variant}")
+            + (" + key" if ring.get("secret") else "") + (f" ({ring['model_label']})" if ring.get("model_label") else ""))
 
 
 def label(s: dict) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from ...core.plan import load_plan
-from .common import LONG_TOKENS, label, log
+from .common import LONG_TOKENS, VARIANTS, label, log
 
 
 def drive(spec: dict, workdir: Path, prefix: tuple[str, ...] = (), on_mark=None) -> dict:
@@ -44,14 +44,20 @@ def drive(spec: dict, workdir: Path, prefix: tuple[str, ...] = (), on_mark=None)
     return json.loads(lines[-1])
 
 
-def ring_config(model: str, k: int, max_n: int, lab=None, kernels: str = "exact") -> dict:
-    """The bench's cluster config: K chunk nodes; on a lab, coordinator + chunk_0 on robot_0 and
-    chunk_i on robot_i, with discovery over the lab's subnet and UDP only (no shared memory)."""
-    cfg: dict = {"model": {"name": model, "dtype": "float32", "max_context": 2048, "kernels": kernels},
+def ring_config(model: str, k: int, max_n: int, lab=None, variant: str = "exact",
+                secret_file: str | None = None) -> dict:
+    """The bench's cluster config: K chunk nodes running `variant` (common.VARIANTS); on a lab,
+    coordinator + chunk_0 on robot_0 and chunk_i on robot_i, with discovery over the lab's subnet
+    and UDP only (no shared memory)."""
+    kernels, quantization = VARIANTS[variant]
+    cfg: dict = {"model": {"name": model, "dtype": "float32", "max_context": 2048, "kernels": kernels,
+                           "quantization": quantization},
                  "coordinator": {"max_inflight": max_n, "queue_limit": max_n},
                  "chunks": [{"name": f"chunk_{i}"} for i in range(k)]}
+    if secret_file:
+        cfg["cluster"] = {"secret_file": secret_file}
     if lab is not None:
-        cfg["cluster"] = {"discovery_range": "SUBNET", "transport": "udp",
+        cfg["cluster"] = {**cfg.get("cluster", {}), "discovery_range": "SUBNET", "transport": "udp",
                           "domain_id": int(os.environ.get("ROS_DOMAIN_ID", "0") or 0)}
         cfg["coordinator"]["host"] = "robot_0"
         for i, ch in enumerate(cfg["chunks"]):
@@ -61,7 +67,7 @@ def ring_config(model: str, k: int, max_n: int, lab=None, kernels: str = "exact"
 
 def run_ring(model: str, k: int, ns: list[int], tokens: int, *, pin: bool, threads: int | None,
              references: dict[str, str], workdir: Path, rates: list[str | None] | None = None,
-             kernels: str = "exact") -> dict:
+             variant: str = "exact", secret_file: str | None = None, model_label: str = "") -> dict:
     """Start a ring of K chunk nodes, drive N concurrent requests for each N, stop it.
 
     rates: None runs everything on this host's network (shared memory + loopback); a list
@@ -76,9 +82,10 @@ def run_ring(model: str, k: int, ns: list[int], tokens: int, *, pin: bool, threa
     lab = None
     if rates is not None:
         lab = NetLab(hosts=[f"robot_{i}" for i in range(k)] + ["client"], name=f"mdibench{os.getpid() % 10000}")
-    name = f"ring_k{k}_{kernels}{'_netlab' if lab else ''}"
+    tag = f"k{k}_{variant}{'_key' if secret_file else ''}{'_' + model_label if model_label else ''}"
+    name = f"ring_{tag}{'_netlab' if lab else ''}"
     cfg_path = workdir / f"{name}.yaml"
-    cfg_path.write_text(yaml.safe_dump(ring_config(model, k, max(ns), lab, kernels)))
+    cfg_path.write_text(yaml.safe_dump(ring_config(model, k, max(ns), lab, variant, secret_file)))
     env = dict(os.environ)
     if threads:
         env["MDI_TORCH_THREADS"] = str(threads)
@@ -99,10 +106,11 @@ def run_ring(model: str, k: int, ns: list[int], tokens: int, *, pin: bool, threa
             for n in ns:
                 marks: dict[str, dict] = {}
                 spec = {"config": str(cfg_path), "n": n, "tokens": tokens, "references": references,
-                        "tag": f"k{k}_{kernels}_{network.replace(' ', '_')}"}
+                        "tag": f"{tag}_{network.replace(' ', '_')}"}
                 s = drive(spec, workdir, lab.exec_prefix("client") if lab else (),
                           on_mark=(lambda word: marks.__setitem__(word, lab.counters())) if lab else None)
-                s.update(k=k, network=network, rate=rate, kernels=kernels)
+                s.update(k=k, network=network, rate=rate, variant=variant, kernels=VARIANTS[variant][0],
+                         secret=bool(secret_file), model_label=model_label)
                 if lab is not None:
                     # every byte the devices put on their links while the requests ran: ring
                     # activations, service calls and replies, DDS acks and heartbeats
@@ -118,7 +126,8 @@ def run_ring(model: str, k: int, ns: list[int], tokens: int, *, pin: bool, threa
         if lab is not None:
             lab.down()
     kv = {name: max(s.get("kv_cache_peak", {}).get(name, 0) for s in scenarios) for name in peaks}
-    return {"k": k, "kernels": kernels, "network": "localhost" if lab is None else "netns", "scenarios": scenarios,
+    return {"k": k, "variant": variant, "kernels": VARIANTS[variant][0], "secret": bool(secret_file),
+            "model_label": model_label, "network": "localhost" if lab is None else "netns", "scenarios": scenarios,
             "peak_rss": peaks, "weights": weights, "kv_cache_peak": kv}
 
 
