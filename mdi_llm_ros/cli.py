@@ -57,11 +57,13 @@ def generation_params(args, cfg: ClusterConfig):
 # --- subcommands ------------------------------------------------------------------------
 
 def cmd_plan(args) -> int:
-    from .core.plan import format_plan
+    from .core.plan import format_loss_plans, format_plan
     cfg = _load(args)
     plan, info = _plan(cfg)
     print(f"config: {cfg.source}")
     print(format_plan(plan))
+    print()
+    print(format_loss_plans(plan, info))
     if args.measure:
         import torch
 
@@ -135,7 +137,7 @@ def cmd_status(args) -> int:
 def cmd_cluster(args) -> int:
     from .launcher import run_cluster
     cfg = _load(args)
-    return run_cluster(cfg, host=args.host, respawn=args.respawn, log_dir=args.log_dir)
+    return run_cluster(cfg, host=args.host, respawn=args.respawn, log_dir=args.log_dir, autostart=args.autostart)
 
 
 def cmd_demo(args) -> int:
@@ -146,6 +148,12 @@ def cmd_demo(args) -> int:
 def cmd_soak(args) -> int:
     from .tools.soak import soak_cluster
     return soak_cluster(_load(args), duration_s=args.duration, clients=args.clients)
+
+
+def cmd_chaos(args) -> int:
+    from .tools.chaos import chaos_cluster
+    return chaos_cluster(_load(args), duration_s=args.duration, clients=args.clients, kill_every_s=args.kill_every,
+                         down_for_s=args.down_for, permanent=args.permanent)
 
 
 def cmd_bench(args) -> int:
@@ -228,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="start only the nodes assigned to this host")
     p.add_argument("--respawn", action="store_true", help="restart a chunk node that dies")
     p.add_argument("--log-dir", help="ROS log directory (default: ~/.ros/log)")
+    p.add_argument("--no-autostart", dest="autostart", action="store_false",
+                   help="leave every node unconfigured (lifecycle), for a lifecycle manager to bring up")
     p.set_defaults(func=cmd_cluster)
 
     p = sub.add_parser("demo", help="start a localhost cluster, ask it from several robot clients, stop it")
@@ -241,6 +251,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=180.0, help="seconds of traffic (default 180)")
     p.add_argument("--clients", type=int, default=16, help="concurrent clients (default 16)")
     p.set_defaults(func=cmd_soak)
+
+    p = sub.add_parser("chaos", help="soak while chunk nodes and the coordinator are killed (SIGKILL); "
+                                     "every answer must arrive, identical")
+    p.add_argument("--config", help="cluster config YAML (default: config/cluster.yaml)")
+    p.add_argument("--duration", type=float, default=300.0, help="seconds of traffic (default 300)")
+    p.add_argument("--clients", type=int, default=8, help="concurrent streaming clients (default 8)")
+    p.add_argument("--kill-every", type=float, default=60.0, help="seconds between kills (default 60)")
+    p.add_argument("--down-for", type=float, default=30.0, help="seconds a killed node stays down (default 30)")
+    p.add_argument("--permanent", action="store_true", help="killed chunk nodes never come back")
+    p.set_defaults(func=cmd_chaos)
 
     p = sub.add_parser("bench", help="benchmark the ring against plain transformers (tokens/s, TTFT, memory)")
     p.add_argument("--quick", action="store_true", help="K=1,3 and N=1,4 with 24 tokens (a few minutes)")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 from rclpy.action import ActionClient
@@ -22,19 +22,22 @@ from rclpy.node import Node
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 
 from mdi_llm_ros.action import Generate as GenerateAction
+from mdi_llm_ros.msg import NodeStatus
 from mdi_llm_ros.srv import Generate
 
 from .convert import fill_request, result_from
 from .core.errors import ErrorCode, RequestError
-from .core.plan import service_name
+from .core.plan import service_name, status_topic
 from .core.request import GenerateParams, GenerationResult, validate_params
+from .qos import STATUS_QOS
 from .session import ros_session
 from .signing import is_sealed, seal_request
 
 
 def _params(prompt: str | GenerateParams, kwargs: dict) -> GenerateParams | GenerationResult:
     """The request to send, checked against the contract's limits first: a value the message
-    cannot carry is refused here with the coordinator's code, never wrapped around or cut."""
+    cannot carry is refused here with the coordinator's code, never wrapped around or cut.
+    """
     try:
         params = prompt if isinstance(prompt, GenerateParams) else GenerateParams(prompt=prompt, **kwargs)
         validate_params(params)
@@ -55,16 +58,68 @@ class StreamPiece:
     text: str
     token_id: int
     token_count: int
+    token_ids: tuple[int, ...] = ()     # every token since the previous piece
+
+
+class CoordinatorWatch:
+    """Which coordinator serves (its epoch) and when it was last heard, from the ring's status
+    topic: a call whose coordinator falls silent is sent again to the one that takes over.
+    """
+
+    def __init__(self, node: Node, namespace: str, key: bytes | None) -> None:
+        self.namespace, self.key = namespace, key
+        self.heard: dict[int, float] = {}            # epoch of a serving coordinator -> last heard
+        self._lock = threading.Lock()
+        self.subscription = node.create_subscription(NodeStatus, status_topic(namespace), self._on_status,
+                                                     STATUS_QOS)
+
+    def _on_status(self, s: NodeStatus) -> None:
+        if s.role != "coordinator" or s.standby or s.cluster != self.namespace:
+            return
+        if self.key and not is_sealed(s, self.key):
+            return
+        with self._lock:
+            self.heard[s.epoch] = time.monotonic()
+
+    def serving(self, within_s: float) -> int | None:
+        """The newest epoch heard within `within_s`, or None."""
+        now = time.monotonic()
+        with self._lock:
+            live = [e for e, t in self.heard.items() if now - t <= within_s]
+        return max(live) if live else None
+
+    def silent_for(self, epoch: int) -> float:
+        with self._lock:
+            return time.monotonic() - self.heard.get(epoch, time.monotonic())
+
+    def last_heard(self, epoch: int) -> float:
+        with self._lock:
+            return self.heard.get(epoch, time.monotonic())
+
+
+class _Lost(Exception):
+    """The coordinator of a call fell silent (see CoordinatorWatch)."""
+
+    def __init__(self, lost_at: float) -> None:
+        super().__init__("coordinator lost")
+        self.lost_at = lost_at
 
 
 class GenerateClient:
     """Blocking helpers around the coordinator's service and action."""
 
-    def __init__(self, node: Node, namespace: str = "", key: bytes | None = None) -> None:
+    def __init__(self, node: Node, namespace: str = "", key: bytes | None = None,
+                 failover_after_s: float | None = 3.0) -> None:
         """`key`: the team's key (core.auth.load_key, or ClusterConfig.key()) where the cluster runs
-        with cluster.secret_file; requests are then sealed and only sealed answers are believed."""
+        with cluster.secret_file; requests are then sealed and only sealed answers are believed.
+        `failover_after_s`: a call whose coordinator is silent this long (its heartbeat timeout)
+        is sent again to the coordinator that takes over (coordinator.standby_hosts), with the
+        tokens already received; None: never (one status subscription less).
+        """
         self.node = node
         self.key = key
+        self.failover_after_s = failover_after_s
+        self.watch = CoordinatorWatch(node, namespace, key) if failover_after_s else None
         self.service = service_name(namespace, "generate")
         self.action = service_name(namespace, "generate_stream")
         # Deep reply queues: every client's reader also sees the replies to other callers of the
@@ -98,7 +153,8 @@ class GenerateClient:
     def settle(self) -> None:
         """Wait until the server has had SETTLE_S to discover this client's reply reader, counted
         from when this client first saw the service; every call does this, so a caller that times
-        its calls (a benchmark) does it before starting the clock."""
+        its calls (a benchmark) does it before starting the clock.
+        """
         if self._settled_at is None:
             self._settled_at = time.monotonic() + SETTLE_S
         time.sleep(max(0.0, self._settled_at - time.monotonic()))
@@ -114,7 +170,8 @@ class GenerateClient:
         answer is neither NOT_READY (nodes still loading) nor a lost reply, for up to timeout_s.
 
         A short timeout per probe bounds what a reply lost during discovery costs (see SETTLE_S).
-        Returns the last probe's result: success, or why the cluster is not ready."""
+        Returns the last probe's result: success, or why the cluster is not ready.
+        """
         deadline = time.monotonic() + timeout_s
         while True:
             left = deadline - time.monotonic()
@@ -127,33 +184,107 @@ class GenerateClient:
         return self._action().wait_for_server(timeout_sec=timeout_s)
 
     def generate(self, prompt: str | GenerateParams, timeout_s: float = 300.0, **kwargs) -> GenerationResult:
-        """Call /generate; never waits longer than timeout_s."""
+        """Call /generate; never waits longer than timeout_s. A coordinator that falls silent
+        meanwhile is replaced by the one that takes over: the call is sent again (the result
+        says how long that took, in interrupted_s).
+        """
         params = _params(prompt, kwargs)
         if isinstance(params, GenerationResult):
             return params
-        # A request sent before this client has matched the service's endpoints is lost
-        # (DDS delivers nothing to readers it has not discovered yet): wait for them first.
-        if not self._srv.wait_for_service(timeout_sec=min(timeout_s, 30.0)):
-            return GenerationResult.failure(ErrorCode.NOT_READY, f"no {self.service} on this ROS domain; is the cluster running?")
-        self.settle()
-        request = fill_request(Generate.Request(), params)
-        nonce = seal_request(request, self.key) if self.key else 0
-        future = self._srv.call_async(request)
-        if not _wait_future(future, timeout_s):
-            self._srv.remove_pending_request(future)
-            return GenerationResult.failure(ErrorCode.TIMEOUT, f"no answer from {self.service} within {timeout_s:.0f} s")
-        return self._believed(future.result(), nonce)
+        deadline = time.monotonic() + timeout_s
+        interrupted = 0.0
+        while True:
+            # A request sent before this client has matched the service's endpoints is lost
+            # (DDS delivers nothing to readers it has not discovered yet): wait for them first.
+            if not self._srv.wait_for_service(timeout_sec=max(0.1, min(deadline - time.monotonic(), 30.0))):
+                return GenerationResult.failure(ErrorCode.NOT_READY,
+                                                f"no {self.service} on this ROS domain; is the cluster running?")
+            self.settle()
+            epoch = self._serving_epoch()
+            request = fill_request(Generate.Request(), params)
+            nonce = seal_request(request, self.key) if self.key else 0
+            future = self._srv.call_async(request)
+            try:
+                done = self._wait(future, deadline, epoch)
+            except _Lost as lost:
+                self._srv.remove_pending_request(future)
+                failed = self._await_takeover(epoch, deadline)
+                if failed is not None:
+                    return failed
+                interrupted += time.monotonic() - lost.lost_at
+                continue
+            if not done:
+                self._srv.remove_pending_request(future)
+                return GenerationResult.failure(ErrorCode.TIMEOUT,
+                                                f"no answer from {self.service} within {timeout_s:.0f} s")
+            result = self._believed(future.result(), nonce)
+            if interrupted and result.error_code == ErrorCode.NOT_READY and time.monotonic() < deadline:
+                time.sleep(0.3)                  # the new coordinator is still gathering the ring
+                continue
+            return replace(result, interrupted_s=result.interrupted_s + interrupted)
+
+    def _serving_epoch(self) -> int | None:
+        return self.watch.serving(self.failover_after_s) if self.watch is not None else None
+
+    def _wait(self, future, deadline: float, epoch: int | None) -> bool:
+        """Wait for a future until `deadline`; raises _Lost when the coordinator of `epoch` falls silent."""
+        done = threading.Event()
+        future.add_done_callback(lambda _: done.set())
+        while not future.done():
+            if time.monotonic() > deadline:
+                return False
+            if epoch is not None and self.watch.silent_for(epoch) > self.failover_after_s:
+                raise _Lost(self.watch.last_heard(epoch))
+            done.wait(0.05)
+        return True
+
+    def _await_takeover(self, epoch: int | None, deadline: float) -> GenerationResult | None:
+        """Wait for another coordinator to serve; None once one does, else why not."""
+        while time.monotonic() < deadline:
+            new = self._serving_epoch()
+            if new is not None and new != epoch:
+                return None
+            time.sleep(0.1)
+        return GenerationResult.failure(ErrorCode.NODE_LOST, "the coordinator stopped answering and no standby "
+                                        "coordinator took over (coordinator.standby_hosts); restart it")
 
     def stream(self, prompt: str | GenerateParams, timeout_s: float = 300.0, cancel_after: int | None = None,
                **kwargs) -> Iterator[StreamPiece | GenerationResult]:
         """Yield a StreamPiece per feedback, then the GenerationResult last.
 
-        `cancel_after=n` cancels the goal once n pieces have arrived (tests, demos).
+        `cancel_after=n` cancels the goal once n pieces have arrived (tests, demos). A coordinator
+        that falls silent meanwhile is replaced by the one that takes over: the goal is sent again
+        with the tokens already received (resume_token_ids) and the pieces go on where they
+        were; the result says how long that took (interrupted_s).
         """
         params = _params(prompt, kwargs)
         if isinstance(params, GenerationResult):
             yield params
             return
+        deadline = time.monotonic() + timeout_s
+        received: list[int] = []
+        interrupted = 0.0
+        given_total = 0
+        while True:
+            attempt = replace(params, resume_token_ids=tuple(received)) if received else params
+            outcome: list = []
+            try:
+                for item in self._stream_once(attempt, deadline, cancel_after, given_total, outcome):
+                    if isinstance(item, StreamPiece):
+                        received.extend(item.token_ids)
+                        given_total += 1
+                    yield item if not isinstance(item, GenerationResult) else \
+                        replace(item, interrupted_s=item.interrupted_s + interrupted)
+                return
+            except _Lost as lost:
+                failed = self._await_takeover(outcome[0] if outcome else None, deadline)
+                if failed is not None:
+                    yield failed
+                    return
+                interrupted += time.monotonic() - lost.lost_at
+
+    def _stream_once(self, params: GenerateParams, deadline: float, cancel_after: int | None, given_before: int,
+                     epoch_out: list) -> Iterator[StreamPiece | GenerationResult]:
         goal = fill_request(GenerateAction.Goal(), params)
         nonce = seal_request(goal, self.key) if self.key else 0
         pieces: list[StreamPiece] = []
@@ -164,22 +295,26 @@ class GenerateClient:
             if self.key and (not is_sealed(f, self.key, nonce) or (pieces and f.token_count <= pieces[-1].token_count)):
                 return                           # not the cluster's, or a replayed piece
             with arrived:
-                pieces.append(StreamPiece(f.text, f.token_id, f.token_count))
+                pieces.append(StreamPiece(f.text, f.token_id, f.token_count, tuple(f.token_ids)))
                 arrived.notify_all()
 
-        deadline = time.monotonic() + timeout_s
-        if not self._action().wait_for_server(timeout_sec=min(timeout_s, 30.0)):
-            yield GenerationResult.failure(ErrorCode.NOT_READY, f"no {self.action} on this ROS domain; is the cluster running?")
+        timeout_s = deadline - time.monotonic()
+        if not self._action().wait_for_server(timeout_sec=max(0.1, min(timeout_s, 30.0))):
+            yield GenerationResult.failure(ErrorCode.NOT_READY,
+                                           f"no {self.action} on this ROS domain; is the cluster running?")
             return
         time.sleep(max(0.0, self._action_settled_at - time.monotonic()))
+        epoch = self._serving_epoch()
+        epoch_out.append(epoch)
         send = self._action().send_goal_async(goal, feedback_callback=on_feedback)
-        if not _wait_future(send, timeout_s):
-            yield GenerationResult.failure(ErrorCode.TIMEOUT, f"{self.action} did not answer the goal in {timeout_s:.0f} s")
+        if not self._wait(send, deadline, epoch):
+            yield GenerationResult.failure(ErrorCode.TIMEOUT,
+                                           f"{self.action} did not answer the goal in {timeout_s:.0f} s")
             return
         goal_handle = send.result()
         if not goal_handle.accepted:
-            yield GenerationResult.failure(ErrorCode.BUSY, f"{self.action} rejected the goal: the cluster is busy or not "
-                                           "ready (its log says which); retry later")
+            yield GenerationResult.failure(ErrorCode.BUSY, f"{self.action} rejected the goal: the cluster is busy "
+                                           "or not ready (its log says which); retry later")
             return
         result_future = goal_handle.get_result_async()
         given = 0
@@ -191,13 +326,15 @@ class GenerateClient:
                     given += 1
                 if result_future.done():
                     break
-                if cancel_after is not None and given >= cancel_after and not cancelled:
+                if cancel_after is not None and given_before + given >= cancel_after and not cancelled:
                     goal_handle.cancel_goal_async()
                     cancelled = True
                 if time.monotonic() > deadline:
                     goal_handle.cancel_goal_async()
-                    yield GenerationResult.failure(ErrorCode.TIMEOUT, f"no result from {self.action} within {timeout_s:.0f} s")
+                    yield GenerationResult.failure(ErrorCode.TIMEOUT, f"no result from {self.action} in time")
                     return
+                if epoch is not None and self.watch.silent_for(epoch) > self.failover_after_s:
+                    raise _Lost(self.watch.last_heard(epoch))
                 arrived.wait(0.02)
         # Feedback may still be in flight when the result lands: give it a moment.
         time.sleep(0.05)
@@ -209,7 +346,8 @@ class GenerateClient:
 
 def _wait_future(future, timeout_s: float) -> bool:
     """Wait for an rclpy future completed by the spin thread. Its done-callback may never run
-    when the future completed before the callback was added, so the future itself is polled too."""
+    when the future completed before the callback was added, so the future itself is polled too.
+    """
     done = threading.Event()
     future.add_done_callback(lambda _: done.set())
     deadline = time.monotonic() + timeout_s

@@ -21,6 +21,8 @@ from pathlib import Path
 from .core.config import ClusterConfig
 from .core.liveness import EVENT_COORDINATOR_SILENT, EVENT_JOINED, EVENTS_FD_ENV
 from .core.plan import load_plan
+from .shm import (clean_fastdds_segments, fastdds_segments, hold_dead_ports, release_held_ports,  # noqa: F401
+                  shm_family, stale_fastdds_segments)
 
 EXECUTABLES = {"coordinator": "coordinator_node", "chunk": "chunk_node"}
 MAX_DEAF_RESTARTS = 3   # in a row, for a respawned chunk node whose coordinator runs on another host
@@ -40,88 +42,29 @@ class NodeSpec:
     def command(self, python: str = sys.executable) -> list[str]:
         args = [*self.prefix, python, "-m", self.module, "--ros-args", "-r", f"__node:={self.name}"]
         for key, value in self.parameters.items():
-            args += ["-p", f"{key}:={value}"]
+            args += ["-p", f"{key}:={str(value).lower() if isinstance(value, bool) else value}"]
         return args
 
 
-def node_specs(config_file: str | os.PathLike, host: str | None = None) -> list[NodeSpec]:
-    """The nodes to start for `host` (None: every host), coordinator first.
+def node_specs(config_file: str | os.PathLike, host: str | None = None, autostart: bool = True) -> list[NodeSpec]:
+    """The nodes to start for `host` (None: every host), coordinator first, then the chunk nodes,
+    the standby chunk nodes and the standby coordinators (coordinator.standby_hosts).
 
     Each carries the environment the config's discovery settings mean, so every
-    device started from the same file joins the same domain the same way."""
+    device started from the same file joins the same domain the same way. autostart=False
+    leaves every node unconfigured, for a lifecycle manager to bring up.
+    """
     config_file = str(Path(config_file).resolve())
     cfg, plan, _ = load_plan(config_file)
     specs = []
     for n in plan.nodes_on_host(host):
-        params = {"config_file": config_file}
-        if n.role == "chunk":
-            params["node_name"] = n.name
+        params: dict = {"config_file": config_file, "node_name": n.name}
+        if not autostart:
+            params["autostart"] = False
         specs.append(NodeSpec(name=n.name, role=n.role, host=n.host, executable=EXECUTABLES[n.role],
                               module=f"mdi_llm_ros.nodes.{EXECUTABLES[n.role]}", parameters=params,
                               env=cfg.discovery.env()))
     return specs
-
-
-# --- shared-memory hygiene --------------------------------------------------------
-
-def fastdds_segments() -> set[str]:
-    try:
-        return {p for p in os.listdir("/dev/shm") if "fastdds" in p}
-    except FileNotFoundError:
-        return set()
-
-
-def _mapped_shm_files() -> set[str]:
-    """Names under /dev/shm that a live process has mapped or open."""
-    used: set[str] = set()
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/maps") as f:
-                for line in f:
-                    if "/dev/shm/" in line:
-                        used.add(line.rsplit("/dev/shm/", 1)[1].strip().replace(" (deleted)", ""))
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                if target.startswith("/dev/shm/"):
-                    used.add(target[len("/dev/shm/"):])
-        except OSError:
-            continue
-    return used
-
-
-def shm_family(name: str) -> str:
-    """The Fast DDS object a /dev/shm file belongs to: a port or data segment `fastdds_X`
-    comes with its named mutex `sem.fastdds_X_mutex` and its lock files `fastdds_X_el` / `_sl`."""
-    base = name.removeprefix("sem.")
-    for suffix in ("_mutex", "_el", "_sl"):
-        if base.endswith(suffix):
-            return base[: -len(suffix)]
-    return base
-
-
-def stale_fastdds_segments(before: set[str]) -> list[str]:
-    """Fast DDS files created since `before` that no live process uses (what a SIGKILLed node
-    leaves behind).
-
-    A file counts as used while any file of its family is: a port that a live participant
-    outside this cluster still holds needs its mutex to remove itself when that participant
-    lets go; without the mutex, Fast DDS leaves the port file behind for good."""
-    in_use = {shm_family(name) for name in _mapped_shm_files()}
-    return sorted(name for name in fastdds_segments() - before if shm_family(name) not in in_use)
-
-
-def clean_fastdds_segments(before: set[str]) -> list[str]:
-    """Remove the stale Fast DDS files (see stale_fastdds_segments); returns their names."""
-    removed = []
-    for name in stale_fastdds_segments(before):
-        try:
-            os.unlink(f"/dev/shm/{name}")
-            removed.append(name)
-        except OSError:
-            pass
-    return removed
 
 
 # --- process supervision ----------------------------------------------------------
@@ -146,8 +89,14 @@ class Cluster:
     """Node processes of one host, supervised."""
 
     def __init__(self, specs: list[NodeSpec], *, respawn: bool = False, env: dict | None = None,
-                 out=sys.stderr, python: str = sys.executable, pin_cores: bool = False) -> None:
+                 out=sys.stderr, python: str = sys.executable, pin_cores: bool = False,
+                 survivable: tuple[str, ...] = ()) -> None:
+        """survivable: roles whose death the cluster outlives without a respawn ("chunk" with
+        cluster.takeover_after_s > 0, "coordinator" with coordinator.standby_hosts).
+        """
         self.specs = {s.name: s for s in specs}
+        self.survivable = survivable
+        self.gone: set[str] = set()            # died, survivable, not restarted
         # pin_cores: node i runs on core i mod cores, so K nodes emulate K devices honestly.
         cores = sorted(os.sched_getaffinity(0))
         self.affinity = {name: {cores[i % len(cores)]} for i, name in enumerate(self.specs)} if pin_cores else {}
@@ -194,7 +143,8 @@ class Cluster:
         """Whether to restart `name`, a chunk node that hears no coordinator: only a respawned one
         (a first start may simply be early), always while this launcher's own coordinator runs (then
         the node, not the coordinator, is at fault), else at most MAX_DEAF_RESTARTS times in a row
-        (the coordinator on another host may be down: no endless reloading)."""
+        (the coordinator on another host may be down: no endless reloading).
+        """
         if not (self.respawn and self.specs[name].role == "chunk" and self.restarts.get(name, 0) > 0):
             return False
         coordinator = next((n for n, s in self.specs.items() if s.role == "coordinator"), None)
@@ -206,7 +156,8 @@ class Cluster:
         """Stop a respawned chunk node that hears no coordinator; supervise_once starts it afresh.
 
         Seen once in CI: a chunk node respawned right after a SIGKILL never heard the coordinator,
-        and nothing changed in 60 s, while a fresh process joins in a few seconds."""
+        and nothing changed in 60 s, while a fresh process joins in a few seconds.
+        """
         if self._stopping or proc.poll() is not None:
             return
         self.deaf_restarts[name] = self.deaf_restarts.get(name, 0) + 1
@@ -264,13 +215,20 @@ class Cluster:
         """Check the children; restart or report a dead one. Returns the name of a fatal death."""
         for name, proc in list(self.procs.items()):
             code = proc.poll()
-            if code is None or self._stopping:
+            if code is None or self._stopping or name in self.gone:
                 continue
             spec = self.specs[name]
+            hold_dead_ports()           # its ports stay taken: no process of ours reopens them (shm.py)
             if self.respawn and spec.role == "chunk":
                 self.restarts[name] = self.restarts.get(name, 0) + 1
                 self._log("launcher", f"{name} exited with {code}; respawning (restart {self.restarts[name]})")
                 self.start_node(name)
+                continue
+            if spec.role in self.survivable and code != 2:
+                self.gone.add(name)
+                what = ("the others take its layers over" if spec.role == "chunk"
+                        else "a standby coordinator takes over")
+                self._log("launcher", f"{name} exited with code {code}; {what}, the cluster goes on")
                 continue
             self._log("launcher", f"{name} exited with code {code}; stopping the other nodes")
             return name
@@ -279,7 +237,8 @@ class Cluster:
     def stop(self, timeout: float = 10.0) -> dict[str, int]:
         """SIGINT every node, wait, then SIGKILL the stubborn ones; clean their shm segments.
 
-        Returns each node's exit code (0 is a clean shutdown)."""
+        Returns each node's exit code (0 is a clean shutdown).
+        """
         self._stopping = True
         for proc in self.procs.values():
             if proc.poll() is None:
@@ -298,6 +257,7 @@ class Cluster:
                 except ProcessLookupError:
                     pass
                 proc.wait()
+        release_held_ports()
         removed = clean_fastdds_segments(self._shm_before)
         if removed:
             self._log("launcher", f"removed {len(removed)} stale Fast DDS shared-memory files")
@@ -306,14 +266,20 @@ class Cluster:
         return codes
 
 
+def survivable_roles(cfg: ClusterConfig) -> tuple[str, ...]:
+    """The roles a cluster outlives the loss of (see Cluster)."""
+    return tuple(role for role, ok in (("chunk", cfg.takeover_after_s > 0),
+                                       ("coordinator", bool(cfg.coordinator.standby_hosts))) if ok)
+
+
 def run_cluster(cfg: ClusterConfig, host: str | None = None, respawn: bool = False,
-                log_dir: str | None = None) -> int:
+                log_dir: str | None = None, autostart: bool = True) -> int:
     """`mdi-llm cluster`: start this host's nodes and supervise them until a signal."""
     env = dict(os.environ)
     if log_dir:
         env["ROS_LOG_DIR"] = log_dir
-    specs = node_specs(cfg.source, host)
-    cluster = Cluster(specs, respawn=respawn, env=env)
+    specs = node_specs(cfg.source, host, autostart=autostart)
+    cluster = Cluster(specs, respawn=respawn, env=env, survivable=survivable_roles(cfg))
     stop = threading.Event()
     received: list[int] = []
 

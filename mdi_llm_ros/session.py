@@ -21,7 +21,8 @@ from .spin import spin_resilient
 
 class BackgroundSpin:
     """Spin a node in a background thread; `close()` stops and joins it before rclpy shuts down
-    (a spin thread still inside rcl at interpreter exit aborts the process)."""
+    (a spin thread still inside rcl at interpreter exit aborts the process).
+    """
 
     def __init__(self, node: Node) -> None:
         self.node = node
@@ -41,7 +42,7 @@ class BackgroundSpin:
 
 @contextlib.contextmanager
 def ros_session(name: str, config: ClusterConfig | None = None) -> Iterator[Node]:
-    """`with ros_session("robot_1", cfg) as node:` a node of this process, spun until the block ends."""
+    """Give a node of this process, spun in a thread of its own until the block ends."""
     if config is not None:
         apply_discovery_env(config)
     rclpy.init()

@@ -20,7 +20,8 @@ def _canonical(value, typ: str):
     if hasattr(value, "get_fields_and_field_types"):
         return fields_of(value)
     if typ.startswith("sequence<") or typ.endswith("]"):
-        inner = typ[len("sequence<"):].split(",")[0].rstrip(">") if typ.startswith("sequence<") else typ[:typ.index("[")]
+        inner = (typ[len("sequence<"):].split(",")[0].rstrip(">") if typ.startswith("sequence<")
+                 else typ[:typ.index("[")])
         if inner in _BYTES:
             return memoryview(value).cast("B") if len(value) else b""
         return [_canonical(v, inner) for v in value]
@@ -31,12 +32,27 @@ def _canonical(value, typ: str):
     return value
 
 
+_PLAIN = ("int", "uint", "bool", "string", "boolean")
+_FIELDS: dict[type, list[tuple[str, str, bool]]] = {}
+
+
+def _fields(cls) -> list[tuple[str, str, bool]]:
+    """(name, type, plain) of a message type's fields but `mac`, once per type: a plain field (an
+    integer, bool or string) is its own canonical value, whatever the message.
+    """
+    fields = _FIELDS.get(cls)
+    if fields is None:
+        fields = _FIELDS[cls] = [(name, typ, typ.startswith(_PLAIN) and "<" not in typ and "[" not in typ)
+                                 for name, typ in cls.get_fields_and_field_types().items() if name != "mac"]
+    return fields
+
+
 def fields_of(msg) -> list:
     """Every field of a message but `mac`, as (name, value) pairs flattened, in declaration order."""
     out: list = []
-    for name, typ in type(msg).get_fields_and_field_types().items():
-        if name != "mac":
-            out += [name, _canonical(getattr(msg, name), typ)]
+    for name, typ, plain in _fields(type(msg)):
+        value = getattr(msg, name)
+        out += [name, value if plain else _canonical(value, typ)]
     return out
 
 
@@ -51,7 +67,8 @@ def is_sealed(msg, key: bytes, *bound) -> bool:
 
 class Gate:
     """What a node lets in from a topic in the authenticated mode: a correct MAC, a counter above
-    the last one from the same sender, a time within max_age_s. Returns the drop cause or None."""
+    the last one from the same sender, a time within max_age_s. Returns the drop cause or None.
+    """
 
     def __init__(self, key: bytes, max_age_s: float) -> None:
         self.key = key
@@ -73,7 +90,8 @@ class Gate:
 
 class RequestGate:
     """The coordinator's check of /generate requests and /generate_stream goals: sealed with the
-    team's key, and neither replayed (their nonce seen before) nor stale. Returns why not, or None."""
+    team's key, and neither replayed (their nonce seen before) nor stale. Returns why not, or None.
+    """
 
     def __init__(self, key: bytes, max_age_s: float) -> None:
         self.key = key

@@ -26,7 +26,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PY=$VENV/bin/python
 mkdir -p build
-h=$(inputs_hash requirements.txt requirements.lock scripts/bootstrap.sh)
+h=$(inputs_hash requirements.txt requirements-ros.txt requirements.lock scripts/bootstrap.sh)
 if ! is_fresh deps "$h"; then
   say "installing pinned wheels (first time: ~1-2 min)"
   "$PY" -m pip install -q --disable-pip-version-check -r requirements.txt -c requirements.lock

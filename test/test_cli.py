@@ -73,8 +73,8 @@ def test_generate_local_prints_only_the_continuation(tmp_path, tiny_dir):
     (["--top-p", "1.5"], "INVALID_TOP_P"),
     (["--max-new-tokens", "0"], "INVALID_MAX_NEW_TOKENS"),
     (["--max-new-tokens", "-1"], "INVALID_MAX_NEW_TOKENS: max_new_tokens must be in 1..4294967295, got -1"),
-    (["--max-new-tokens", str(2**32 + 4)], "INVALID_MAX_NEW_TOKENS: max_new_tokens must be in 1..4294967295, "
-                                         "got 4294967300"),
+    (["--max-new-tokens", str(2**32 + 4)],
+     "INVALID_MAX_NEW_TOKENS: max_new_tokens must be in 1..4294967295, got 4294967300"),
     (["--seed", "18446744073709551616"], "INVALID_SEED: seed must be >= 0"),
     (["--top-k", str(2**64 + 3)], "INVALID_TOP_K: top_k must be in 0..2147483647"),
     (["--stop", "a\tb", "--stop", ""], "INVALID_STOP"),

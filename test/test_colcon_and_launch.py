@@ -18,8 +18,8 @@ def test_colcon_build(tmp_path):
     if shutil.which("colcon", path=str(VENV / "bin")) is None:
         pytest.fail("colcon is not installed in the venv: run scripts/bootstrap.sh")
     src = tmp_path / "ws" / "src" / "mdi_llm_ros"
-    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".venv", "build", "install", "log", ".git",
-                                                               "__pycache__", "*.egg-info"))
+    skip = shutil.ignore_patterns(".venv", "build", "install", "log", ".git", "__pycache__", "*.egg-info")
+    shutil.copytree(REPO, src, ignore=skip)
     env = dict(os.environ, AMENT_PREFIX_PATH=str(VENV), CMAKE_PREFIX_PATH=str(VENV),
                PATH=f"{VENV / 'bin'}:{os.environ['PATH']}")
     r = subprocess.run([str(VENV / "bin" / "colcon"), "build", "--base-paths", "src",
@@ -78,3 +78,8 @@ def test_launch_file_builds_nodes_from_the_plan(tmp_path, tiny_dir):
     opaque = [e for e in ld.entities if isinstance(e, OpaqueFunction)][0]
     nodes = opaque.execute(context)
     assert len(nodes) == 1 and nodes[0].node_executable == "chunk_node"
+    context.launch_configurations.update({"autostart": "false"})
+    assert opaque.execute(context)[0]._Node__parameters       # the autostart parameter goes to the node
+    context.launch_configurations.update({"config": str(tmp_path / "missing.yaml")})
+    with pytest.raises(RuntimeError, match="config:="):
+        opaque.execute(context)

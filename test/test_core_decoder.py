@@ -163,7 +163,6 @@ def test_paged_cache_reuses_released_blocks_and_grows(tiny_dir):
     assert paged.release_all() == 12 and paged.pool.blocks_in_use == 0
 
 
-
 def test_chunk_counts_the_kv_cache_bytes_its_requests_hold(tiny_dir):
     """The KV bytes a chunk reports (in its NodeStatus, and in the benchmark's memory table) are
     its live requests' blocks: they fall on release and reach 0; the peak keeps the most held."""

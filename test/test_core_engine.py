@@ -20,7 +20,8 @@ PARTITIONS = {
     "one chunk": ({}, [{"name": "a", "layers": [0, 6]}]),
     "two uneven": ({}, [{"name": "a", "layers": [0, 1]}, {"name": "b", "layers": [1, 6]}]),
     "one per layer": ({}, [{"name": f"c{i}", "layers": [i, i + 1]} for i in range(6)]),
-    "coordinator holds layers": ({"layers": [0, 2]}, [{"name": "a", "layers": [2, 4]}, {"name": "b", "layers": [4, 6]}]),
+    "coordinator holds layers": ({"layers": [0, 2]},
+                                 [{"name": "a", "layers": [2, 4]}, {"name": "b", "layers": [4, 6]}]),
 }
 
 

@@ -162,7 +162,8 @@ def test_batched_prefill_under_a_sliding_window(tmp_path, smol_dir):
     alone, batched = ChunkExecutor(info, 0, 2), ChunkExecutor(info, 0, 2)
     prompts = [torch.randn(1, n, 64) for n in (15, 4, 9)]
     expected = [alone.forward(rid, 0, 0, x) for rid, x in enumerate(prompts)]
-    for e, g in zip(expected, batched.forward_prefill_batch([(rid, 0, 0, x) for rid, x in enumerate(prompts)]), strict=True):
+    got = batched.forward_prefill_batch([(rid, 0, 0, x) for rid, x in enumerate(prompts)])
+    for e, g in zip(expected, got, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
 
 

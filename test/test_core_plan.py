@@ -51,8 +51,8 @@ def test_plan_ring_topology(smol_dir):
 
 def test_plan_rejects_bad_explicit_end_and_memory(smol_dir):
     info = load_model_info(smol_dir)
-    cfg = parse_config({"model": {"name": "x"}, "chunks": [{"name": "a", "layers": [0, 10]},
-                                                            {"name": "b", "layers": [10, 20]}]})
+    chunks = [{"name": "a", "layers": [0, 10]}, {"name": "b", "layers": [10, 20]}]
+    cfg = parse_config({"model": {"name": "x"}, "chunks": chunks})
     with pytest.raises(ConfigError, match=r"chunks\[1\].layers: .*must end at 30"):
         make_plan(cfg, info)
     cfg = parse_config({"model": {"name": "x"},
@@ -62,7 +62,8 @@ def test_plan_rejects_bad_explicit_end_and_memory(smol_dir):
         make_plan(cfg, info)
     cfg = parse_config({"model": {"name": "x"}, "coordinator": {"host": "base", "memory_mb": 50},
                         "chunks": [{"name": "a"}]})
-    with pytest.raises(ConfigError, match=r"coordinator.memory_mb: device 'base' .*embedding \+ head.*short by 63.2 MB"):
+    with pytest.raises(ConfigError,
+                       match=r"coordinator.memory_mb: device 'base' .*embedding \+ head.*short by 63.2 MB"):
         make_plan(cfg, info)
 
 

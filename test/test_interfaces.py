@@ -50,8 +50,6 @@ def peer(ros_env, tmp_path):
     p.stop()
 
 
-
-
 def test_activation_1mb_arrives_bit_identical(peer, ros_node):
     from mdi_llm_ros.core.message import HopMessage
     from mdi_llm_ros.msg import Activation

@@ -194,7 +194,8 @@ def test_quantized_ring_answers_over_dds_on_the_real_file(ros_env, ros_node, tmp
         st = chunk_status(ros_node)
         assert all(s.resident_memory_bytes < 420e6 for s in st.values()), {n: s.resident_memory_bytes for n, s in
                                                                            st.items()}
-        assert f"{quantization} weights (70 Q4_1 {'as is to int4' if quantization == 'int4' else 're-quantized to int8'})" \
+        made = "as is to int4" if quantization == "int4" else "re-quantized to int8"
+        assert f"{quantization} weights (70 Q4_1 {made})" \
             in proc.output(), proc.output()[-3000:]
     finally:
         assert proc.stop() == 0, proc.output()[-3000:]

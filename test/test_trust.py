@@ -78,8 +78,8 @@ def assert_identical(results, references):
 
 def test_a_tiny_temperature_beside_four_greedy_requests(client, references):
     odd: dict = {}
-    t = threading.Thread(target=lambda: odd.update(r=client.generate(PROMPTS[0], max_new_tokens=TOKENS,
-                                                                      temperature=1e-38, seed=1, timeout_s=60)))
+    t = threading.Thread(target=lambda: odd.update(
+        r=client.generate(PROMPTS[0], max_new_tokens=TOKENS, temperature=1e-38, seed=1, timeout_s=60)))
     results = four_greedy(client, during=t.start)
     t.join(90)
     assert_identical(results, references)
@@ -159,8 +159,8 @@ def test_a_forged_epoch_heartbeat_wipes_nothing(client, module_ros_node, referen
     module_ros_node.destroy_publisher(pub)
 
 
-def test_an_impostor_chunk_is_named_and_ignored(cluster, client, module_ros_env, module_ros_node, references,
-                                                 tmp_path):
+def test_an_impostor_chunk_is_named_and_ignored(
+        cluster, client, module_ros_env, module_ros_node, references, tmp_path):
     """A second process started as chunk_1 with the same config: both are named in the log, the ring
     keeps the first, and requests during and after it are served with identical text."""
     impostor = Proc([sys.executable, "-m", "mdi_llm_ros.nodes.chunk_node", "--ros-args", "-r", "__node:=chunk_1",

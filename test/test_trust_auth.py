@@ -101,8 +101,8 @@ def test_a_replayed_request_is_unauthorized(cluster, module_ros_node, key):
     module_ros_node.destroy_client(cli)
 
 
-def test_forged_replayed_and_stale_traffic_is_dropped_counted_and_changes_nothing(cluster, module_ros_node, key,
-                                                                                   references):
+def test_forged_replayed_and_stale_traffic_is_dropped_counted_and_changes_nothing(
+        cluster, module_ros_node, key, references):
     """During four requests: forged activations, releases and a forged epoch heartbeat without the
     key, a sniffed ring message sent again, and one sealed with the key but a minute old."""
     from mdi_llm_ros.client import GenerateClient

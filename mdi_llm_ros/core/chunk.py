@@ -7,6 +7,7 @@ prefill; decode steps extend it; a release (or an idle timeout) frees it.
 """
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from collections import Counter
@@ -49,9 +50,9 @@ class ChunkExecutor:
                  cache_idle_timeout_s: float = 600.0, reader=None, kernels: str = "exact",
                  plausible_ids: int = 256, quantization: str = "none",
                  progress: Callable[[str], None] | None = None) -> None:
-        if not 0 <= start < end <= info.num_layers:
+        if not 0 <= start <= end <= info.num_layers:
             raise ValueError(f"layer range [{start}, {end}) is outside the model's {info.num_layers} layers")
-        self.start, self.end = start, end
+        self.info = info
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
         check_kernels(kernels, self.device, self.dtype)
@@ -72,20 +73,33 @@ class ChunkExecutor:
 
         self.hidden_size = info.hidden_size
         self.reader = reader or open_weights(info)
-        spec, self.fallback_reason = DecoderSpec.support(info.raw_config)
-        if spec is not None:
-            # our own layers: the same arithmetic as transformers, without importing it
-            with torch.device("meta"):
-                stack = DecoderStack(spec, start, end)
-            stack.rotaries = stack.rotaries.to(self.device)
-            layers = stack.layers
-            self.native: DecoderStack | None = stack
-        else:
+        self.spec, self.fallback_reason = DecoderSpec.support(info.raw_config)
+        if self.spec is None:
             window = getattr(info.config, "sliding_window", None)
             if window is not None and window < info.max_positions:
                 raise ModelError(
                     f"model_type {info.model_type!r} uses sliding-window attention ({window} positions), which "
                     f"chunks compute only for {', '.join(NATIVE_MODEL_TYPES)} models ({self.fallback_reason})")
+        self.layer_bytes: dict[int, int] = {}           # parameter bytes of each layer held
+        self._load(start, end, {}, progress)
+
+    def _load(self, start: int, end: int, keep: dict[int, nn.Module],
+              progress: Callable[[str], None] | None) -> None:
+        """Build layers [start, end), reading from the file only those not in `keep` (layers
+        already held, by index), and a KV pool for them.
+        """
+        self.start, self.end = start, end
+        info = self.info
+        if self.spec is not None:
+            # our own layers: the same arithmetic as transformers, without importing it
+            with torch.device("meta"):
+                stack = DecoderStack(self.spec, start, end)
+            stack.rotaries = stack.rotaries.to(self.device)
+            for i, layer in keep.items():
+                stack.layers[i - start] = layer
+            layers = stack.layers
+            self.native: DecoderStack | None = stack
+        else:
             skeleton = meta_model(info.config)
             layers = nn.ModuleList(skeleton.model.layers[start:end])
             # Rotary tables are computed, not stored: build them for real on the device.
@@ -95,41 +109,68 @@ class ChunkExecutor:
         # One layer at a time, assigned straight to the meta modules (no empty parameters first);
         # packed kernels read each layer into one reused buffer and pack it before the next, so
         # plain and packed copies never coexist beyond one layer (docs/performance.md: memory).
-        layer_names = [{k: f"model.layers.{start + j}.{k}" for k in layer.state_dict()}
-                       for j, layer in enumerate(layers)]
+        todo = [(start + j, layer) for j, layer in enumerate(layers) if start + j not in keep]
+        layer_names = {i: {k: f"model.layers.{i}.{k}" for k in layer.state_dict()} for i, layer in todo}
         buffer = None
-        if kernels == "packed":
-            buffer = torch.empty(max(self.reader.stored_bytes(names.values()) for names in layer_names),
+        if self.kernels == "packed" and todo:
+            buffer = torch.empty(max(self.reader.stored_bytes(names.values()) for names in layer_names.values()),
                                  dtype=torch.uint8)
-        self.parameter_bytes = 0
-        every = max(1, len(layers) // 5)
-        for i, (layer, names) in enumerate(zip(layers, layer_names, strict=True)):
-            if quantization != "none":
+        self.layer_bytes = {i: b for i, b in self.layer_bytes.items() if i in keep}
+        every = max(1, len(todo) // 5)
+        for n, (i, layer) in enumerate(todo):
+            before = sum(self.layer_bytes.values())
+            self.parameter_bytes = before
+            names = layer_names[i]
+            if self.quantization != "none":
                 names = self._quantize_linears(layer, names, info)
             tensors = self.reader.read(names.values(), self.dtype, str(self.device), buffer=buffer)
             self.parameter_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
-            layer.load_state_dict({k: tensors[n] for k, n in names.items()}, strict=True, assign=True)
+            layer.load_state_dict({k: tensors[name] for k, name in names.items()}, strict=True, assign=True)
             del tensors
-            if kernels == "packed":
+            if self.kernels == "packed":
                 pack_linears(layer)     # the reordered weights replace the plain ones
-            if progress is not None and ((i + 1) % every == 0 or i + 1 == len(layers)):
+            self.layer_bytes[i] = self.parameter_bytes - before
+            if progress is not None and ((n + 1) % every == 0 or n + 1 == len(todo)):
                 sources = f" ({self.describe_sources()})" if self.weight_sources else ""
-                progress(f"layers loaded: {i + 1}/{len(layers)}{sources}")
+                progress(f"layers loaded: {n + 1}/{len(todo)}{sources}")
         del buffer
+        self.parameter_bytes = sum(self.layer_bytes.values())
         self.layers = layers.eval()
         if self.native is not None:
             self.native.eval()
         # A CPU pool's untouched blocks cost no resident memory, so it starts large and rarely
         # doubles (each doubling leaves heap holes); GPU memory is committed when allocated.
-        blocks = max(64, max_cached_requests * 256 // BLOCK_TOKENS) if self.device.type == "cpu" else 64
+        blocks = max(64, self.max_cached_requests * 256 // BLOCK_TOKENS) if self.device.type == "cpu" else 64
         self.pool = KVPool(start, end - start, device=self.device, dtype=self.dtype, blocks=blocks)
+
+    def reassign(self, start: int, end: int, progress: Callable[[str], None] | None = None) -> tuple[int, int]:
+        """Hold layers [start, end) from now on (a new view of the ring): the layers kept stay as
+        they are, those lost are freed first, those gained are read from the file (only their
+        tensors). Every cache is dropped: the coordinator replays the requests in flight.
+        Returns (layers freed, layers loaded).
+        """
+        if not 0 <= start <= end <= self.info.num_layers:
+            raise ValueError(f"layer range [{start}, {end}) is outside the model's {self.info.num_layers} layers")
+        with self._lock:
+            self.caches.clear()
+            held = {self.start + j: layer for j, layer in enumerate(self.layers)}
+            keep = {i: layer for i, layer in held.items() if start <= i < end} if self.native is not None else {}
+            freed = len(held) - len(keep)
+            self.layers = nn.ModuleList()
+            self.native = None
+            self.pool = None
+            del held
+            gc.collect()
+            self._load(start, end, keep, progress)
+            return freed, (end - start) - len(keep)
 
     @classmethod
     def for_plan(cls, plan, node, info: ModelInfo, progress: Callable[[str], None] | None = None,
                  reader=None) -> "ChunkExecutor":
         """The executor of one chunk node of a plan (core.plan.NodePlan): the one place that turns the
-        config's keys into its options, for the ROS node and LocalRing alike."""
-        c, chunk = plan.config.coordinator, plan.config.chunks[node.hop]
+        config's keys into its options, for the ROS node and LocalRing alike.
+        """
+        c, chunk = plan.config.coordinator, plan.config.chunk(node.name)
         return cls(info, node.layer_start, node.layer_end, device=node.device, dtype=plan.dtype,
                    kernels=plan.kernels, quantization=plan.quantization,
                    max_cached_requests=chunk.max_cached_requests, cache_idle_timeout_s=chunk.cache_idle_timeout_s,
@@ -137,7 +178,8 @@ class ChunkExecutor:
 
     def _quantize_linears(self, layer: nn.Module, names: dict[str, str], info: ModelInfo) -> dict[str, str]:
         """Replace the layer's matrices by integer ones made from the file (its own blocks where they
-        map exactly, else re-quantized); returns the names of what is left to load as float."""
+        map exactly, else re-quantized); returns the names of what is left to load as float.
+        """
         matrices = {k: n for k, n in names.items() if is_quantizable(n, info.tensor_shapes[n])}
         biases = {k[:-len("weight")] + "bias" for k in matrices} & set(names)
         rest = {k: n for k, n in names.items() if k not in matrices and k not in biases}
@@ -180,12 +222,14 @@ class ChunkExecutor:
     @property
     def kv_cache_bytes(self) -> int:
         """Bytes of KV cache blocks that live requests hold now (0 once every request is released)."""
-        return self.pool.bytes_in_use
+        pool = self.pool
+        return pool.bytes_in_use if pool is not None else 0
 
     @property
     def kv_cache_peak_bytes(self) -> int:
         """The most KV cache bytes held at once since start: its share of the node's peak memory."""
-        return self.pool.peak_bytes
+        pool = self.pool
+        return pool.peak_bytes if pool is not None else 0
 
     @torch.inference_mode()
     def forward(self, request_id: int, step: int, position: int, hidden: torch.Tensor,
@@ -259,7 +303,8 @@ class ChunkExecutor:
     def _run(self, caches: list[RequestKVCache], steps: list[int], positions: list[int],
              hidden: torch.Tensor, valid: list[int] | None = None) -> torch.Tensor:
         """hidden: (batch, seq, hidden). batch > 1: single-token decode steps, or prefills
-        right-padded to one length, with `valid` giving each row's real length."""
+        right-padded to one length, with `valid` giving each row's real length.
+        """
         x = hidden.to(device=self.device, dtype=self.dtype)
         batch, seq = x.shape[0], x.shape[1]
         kv = KVBatch(self.pool, caches, positions, seq, valid=valid)
@@ -335,7 +380,8 @@ class ChunkExecutor:
     def note_coordinator(self, inflight_ids: list[int], next_request_id: int) -> list[int]:
         """The coordinator's heartbeat said which requests it has in flight: free the caches of
         requests it has finished (ids it gave out that are not in flight; their release may be
-        lost) and remember the rest, so that a full cache evicts what it does not serve first."""
+        lost) and remember the rest, so that a full cache evicts what it does not serve first.
+        """
         with self._lock:
             self.coordinator_inflight = set(inflight_ids)
             self.next_request_id = next_request_id
@@ -351,7 +397,8 @@ class ChunkExecutor:
         Never one it has in flight. First ids it gave out and finished, then ids far beyond the
         next it will give (nothing real gets them soon), then the least recently used. Caches
         that no request of the coordinator's owns (forged or stale prefills) can therefore never
-        lock out a real request."""
+        lock out a real request.
+        """
         nxt = self.next_request_id
         victims = [rid for rid in self.caches if rid not in self.coordinator_inflight]
         if not victims:

@@ -43,6 +43,8 @@ def take_ring_work(pending: deque, limit: int, max_tokens: int = PREFILL_MERGE_T
       second. The next piece of a prompt already taken is not merged: the piece in hand
       leaves first, so the next node computes it while this one computes the next piece.
     * A decode wave is never merged with another message: each keeps its place in the pipeline.
+    * Before all that, a message of a priority request (Activation.priority > 0: it travels on
+      its own) goes first, unless it would pass its own request's earlier message.
     """
     def prompts_only(batch) -> bool:
         return bool(batch.hops) and all(h.kind == KIND_PREFILL for h in batch.hops)
@@ -52,6 +54,13 @@ def take_ring_work(pending: deque, limit: int, max_tokens: int = PREFILL_MERGE_T
 
     if not pending:
         return []
+    earlier: set[int] = set()
+    for i, batch in enumerate(pending):
+        ids = {h.request_id for h in batch.hops}
+        if any(getattr(h, "priority", 0) > 0 for h in batch.hops) and not ids & earlier:
+            del pending[i]
+            return [batch]
+        earlier |= ids
     ahead: set[int] = set()           # requests of the prompts queued before
     for i, batch in enumerate(pending):
         ids = {h.request_id for h in batch.hops}
@@ -81,6 +90,8 @@ class CoordinatorNews:
     dropped: int = 0                # caches of the previous epoch freed
     evicted: int = 0                # caches of requests the coordinator has finished, freed
     serving: bool | None = None     # set when this process became (True) or stopped being (False) a member
+    # a new view that moves this node: (view, hop or None when off the ring, layers [start, end), last hop)
+    assignment: tuple[int, int | None, tuple[int, int], bool] | None = None
 
 
 class ChunkHandler:
@@ -99,6 +110,9 @@ class ChunkHandler:
         self.last = last
         self.max_payload_bytes = max_payload_bytes
         self.follower = EpochFollower(epoch_silence_s)
+        self.view = 0                     # the ring view this node computes in (core.view)
+        self.layers = (executor.start, executor.end) if hop >= 0 else (0, 0)
+        self._moving_to: int | None = None    # a view whose layers are being loaded
         self.serving = True               # False while the coordinator serves another process of this name
         self.released: set[int] = set()  # recently released ids: late messages for them are stale
         self.last_drop: ActivationRejected | None = None   # for rate-limited logging by the node
@@ -116,7 +130,8 @@ class ChunkHandler:
     def adopt_epoch(self, epoch: int) -> int:
         """Serve `epoch` from now on (announced in a coordinator heartbeat, never taken from an
         activation). A new epoch means a restarted coordinator: every cache of the old one is
-        dropped. Returns how many."""
+        dropped. Returns how many.
+        """
         with self._lock:
             if epoch == self.follower.epoch:
                 return 0
@@ -126,9 +141,13 @@ class ChunkHandler:
             return self.executor.release_all()
 
     def on_coordinator(self, epoch: int, inflight_ids: list[int], next_request_id: int,
-                       members: list[str], instances: list[int]) -> CoordinatorNews:
+                       members: list[str], instances: list[int], view: int = 0,
+                       layer_starts: list[int] = (), layer_ends: list[int] = ()) -> CoordinatorNews:
         """A coordinator heartbeat: follow its epoch (see EpochFollower), free the caches of
-        requests it finished, and stay idle while it serves another process of this name."""
+        requests it finished, stay idle while it serves another process of this name, and
+        follow its view (members in ring order and their layers): news.assignment says where
+        this node moves when the view moves it.
+        """
         news = CoordinatorNews()
         if self.follower.heard(epoch):
             with self._lock:
@@ -141,7 +160,31 @@ class ChunkHandler:
             serving = instances[members.index(self.name)] == self.instance
             if serving != self.serving:
                 self.serving = news.serving = serving
+        if len(layer_starts) == len(members) == len(layer_ends) and view not in (self.view, self._moving_to):
+            if self.name in members:
+                hop = members.index(self.name)
+                target = (view, hop, (int(layer_starts[hop]), int(layer_ends[hop])), hop == len(members) - 1)
+            else:
+                target = (view, None, (0, 0), False)
+            if target[1:] == (self.hop if self.layers != (0, 0) else None, self.layers, self.last):
+                self.view = view              # the same place in the new view: nothing to load
+            else:
+                self._moving_to = view
+                news.assignment = target
         return news
+
+    def enter_view(self, view: int, hop: int | None, layers: tuple[int, int], last: bool) -> None:
+        """This node's layers for `view` are loaded: compute in it (hop None: off the ring)."""
+        with self._lock:
+            self.view, self.hop, self.layers, self.last = view, -1 if hop is None else hop, layers, last
+            self.released.clear()
+            if self._moving_to == view:
+                self._moving_to = None
+
+    @property
+    def moving(self) -> bool:
+        """Whether a new view's layers are being loaded."""
+        return self._moving_to is not None
 
     def handle(self, msg: HopMessage) -> HopMessage | None:
         """Process a message addressed to this chunk; return the next hop's message or None (dropped)."""
@@ -151,7 +194,8 @@ class ChunkHandler:
         """Process messages; decode steps of distinct requests run as one micro-batch, and so
         do prefills (up to PREFILL_BATCH_TOKENS padded positions), so weights are read once for
         all of them. Each request's messages keep their order; a release of another request
-        runs without splitting a batch. Outputs are in input order. Never raises on bad input."""
+        runs without splitting a batch. Outputs are in input order. Never raises on bad input.
+        """
         stats = self.executor.stats
         t0 = time.perf_counter()
         out: list[HopMessage | None] = [None] * len(msgs)
@@ -207,7 +251,8 @@ class ChunkHandler:
     @staticmethod
     def _next_fields(msg: HopMessage) -> dict:
         return dict(cluster=msg.cluster, epoch=msg.epoch, request_id=msg.request_id, step=msg.step,
-                    first_position=msg.first_position, kind=msg.kind, hop=msg.hop + 1)
+                    first_position=msg.first_position, kind=msg.kind, hop=msg.hop + 1, view=msg.view,
+                    priority=msg.priority)
 
     def _check(self, msg: HopMessage) -> torch.Tensor | None:
         """Reject a message that is not for us or is malformed; return its tensor (None for release)."""
@@ -220,6 +265,9 @@ class ChunkHandler:
         if msg.epoch != self.epoch:
             cause = "stale_epoch" if msg.epoch < self.epoch else "foreign_epoch"
             raise ActivationRejected(cause, f"epoch {msg.epoch} is not the coordinator's epoch {self.epoch}")
+        if msg.view != self.view or self._moving_to is not None:
+            raise ActivationRejected("other_view", f"view {msg.view} while this node computes in view {self.view}"
+                                     + (" and loads another" if self._moving_to is not None else ""))
         if msg.kind == KIND_RELEASE:
             return None
         if msg.kind not in (KIND_PREFILL, KIND_DECODE):

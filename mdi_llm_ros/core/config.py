@@ -62,6 +62,9 @@ class CoordinatorConfig:
     waves: int | None = None               # None: auto (ClusterPlan.waves); 0: off
     prefill_chunk_tokens: int = 256        # longer prompts are prefilled in pieces of this many tokens; 0: whole
     defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
+    standby_hosts: tuple[str, ...] = ()    # hosts that run a standby coordinator (failover), in takeover order
+    priority_slots: int = 2                # requests in flight beyond max_inflight, for priority > 0 only
+    priority_aging_s: float = 10.0         # a queued request gains one priority level per this many seconds
 
 
 @dataclass(frozen=True)
@@ -76,12 +79,14 @@ class ChunkConfig:
     threads: int | None = None
     max_cached_requests: int = 64
     cache_idle_timeout_s: float = 600.0
+    standby: bool = False                  # a spare: holds no layers until a takeover gives it some
 
 
 @dataclass(frozen=True)
 class DiscoveryConfig:
     """How the devices find each other: every node and client started from the
-    config gets these as ROS / Fast DDS environment variables (None: inherit)."""
+    config gets these as ROS / Fast DDS environment variables (None: inherit).
+    """
 
     domain_id: int | None = None           # ROS_DOMAIN_ID
     discovery_range: str | None = None     # ROS_AUTOMATIC_DISCOVERY_RANGE
@@ -114,6 +119,22 @@ class ClusterConfig:
     source: str = "<dict>"
     secret_file: str | None = None          # the team's key (authenticated mode); None: plain mode
     auth_max_age_s: float = 30.0            # authenticated messages older than this are refused
+    takeover_after_s: float = 10.0          # a chunk node silent this long hands its layers to the others; 0: off
+
+    @property
+    def ring_chunks(self) -> tuple[ChunkConfig, ...]:
+        """The chunk nodes of the configured plan (standbys hold no layers until a takeover)."""
+        return tuple(c for c in self.chunks if not c.standby)
+
+    @property
+    def standby_chunks(self) -> tuple[ChunkConfig, ...]:
+        return tuple(c for c in self.chunks if c.standby)
+
+    def chunk(self, name: str) -> ChunkConfig:
+        for c in self.chunks:
+            if c.name == name:
+                return c
+        raise KeyError(name)
 
     def key(self) -> bytes | None:
         """The team's key from secret_file, or None in plain mode."""
@@ -219,7 +240,7 @@ def parse_config(data: Any, source: str = "<dict>") -> ClusterConfig:
 
     cluster = _check_keys(top.get("cluster", {}) or {}, "cluster",
                           {"namespace", "heartbeat_period_s", "domain_id", "discovery_range", "static_peers",
-                           "transport", "placement", "secret_file", "auth_max_age_s"})
+                           "transport", "placement", "secret_file", "auth_max_age_s", "takeover_after_s"})
     namespace = cluster.get("namespace", "")
     if not isinstance(namespace, str) or (namespace and not all(
             part.replace("_", "a").isalnum() and part[0].isalpha()
@@ -233,6 +254,7 @@ def parse_config(data: Any, source: str = "<dict>") -> ClusterConfig:
         base = Path(source).parent if source != "<dict>" else Path.cwd()
         secret_file = str((base / os.path.expanduser(secret_file)).resolve())
     auth_max_age = _float(cluster, "auth_max_age_s", "cluster", 30.0, positive=True)
+    takeover_after = _float(cluster, "takeover_after_s", "cluster", 10.0, minimum=0.0)
     discovery = _discovery(cluster)
     placement = cluster.get("placement", "weight")
     if placement not in PLACEMENTS:
@@ -262,7 +284,7 @@ def parse_config(data: Any, source: str = "<dict>") -> ClusterConfig:
     c = _check_keys(top.get("coordinator", {}) or {}, "coordinator",
                     {"host", "device", "layers", "max_inflight", "queue_limit", "request_timeout_s",
                      "heartbeat_timeout_s", "ready_timeout_s", "threads", "memory_mb", "waves", "prefill_chunk_tokens",
-                     "defaults"})
+                     "defaults", "standby_hosts", "priority_slots", "priority_aging_s"})
     coord_layers = _layers(c, "coordinator")
     if coord_layers is not None and coord_layers[0] != 0:
         raise ConfigError(
@@ -288,7 +310,9 @@ def parse_config(data: Any, source: str = "<dict>") -> ClusterConfig:
         memory_mb=_float(c, "memory_mb", "coordinator", None, positive=True),
         waves=_int(c, "waves", "coordinator", None, minimum=0),
         prefill_chunk_tokens=_int(c, "prefill_chunk_tokens", "coordinator", 256, minimum=0),
-        defaults=sampling)
+        defaults=sampling, standby_hosts=_standby_hosts(c),
+        priority_slots=_int(c, "priority_slots", "coordinator", 2, minimum=0),
+        priority_aging_s=_float(c, "priority_aging_s", "coordinator", 10.0, positive=True))
 
     raw_chunks = top["chunks"]
     if not isinstance(raw_chunks, list) or not raw_chunks:
@@ -298,7 +322,7 @@ def parse_config(data: Any, source: str = "<dict>") -> ClusterConfig:
     for i, ch in enumerate(raw_chunks):
         where = f"chunks[{i}]"
         _check_keys(ch, where, {"name", "host", "device", "layers", "weight", "memory_mb", "speed", "threads",
-                                "max_cached_requests", "cache_idle_timeout_s"})
+                                "max_cached_requests", "cache_idle_timeout_s", "standby"})
         name = _name(ch, "name", where, f"chunk_{i}")
         if name in names or name == "coordinator":
             raise ConfigError(f"{where}.name: {name!r} is used twice; node names must be unique")
@@ -307,6 +331,12 @@ def parse_config(data: Any, source: str = "<dict>") -> ClusterConfig:
         weight = _float(ch, "weight", where, None, positive=True)
         if layers is not None and weight is not None:
             raise ConfigError(f"{where}: give either layers or weight, not both")
+        standby = ch.get("standby", False)
+        if not isinstance(standby, bool):
+            raise ConfigError(f"{where}.standby: expected true or false, got {standby!r}")
+        if standby and layers is not None:
+            raise ConfigError(f"{where}: a standby chunk holds no layers until a takeover gives it some; "
+                              "remove its layers (or standby)")
         chunks.append(ChunkConfig(
             name=name, host=_name(ch, "host", where, "localhost"), device=_device(ch, where, "cpu"),
             layers=layers, weight=weight,
@@ -314,33 +344,39 @@ def parse_config(data: Any, source: str = "<dict>") -> ClusterConfig:
             speed=_float(ch, "speed", where, None, positive=True),
             threads=_int(ch, "threads", where, None, minimum=1),
             max_cached_requests=_int(ch, "max_cached_requests", where, 64, minimum=1),
-            cache_idle_timeout_s=_float(ch, "cache_idle_timeout_s", where, 600.0, positive=True)))
+            cache_idle_timeout_s=_float(ch, "cache_idle_timeout_s", where, 600.0, positive=True),
+            standby=standby))
 
-    explicit = [ch.layers is not None for ch in chunks]
+    if all(ch.standby for ch in chunks):
+        raise ConfigError("chunks: every chunk is a standby; at least one must hold layers (standby: false)")
+    where_of = {ch.name: f"chunks[{i}]" for i, ch in enumerate(chunks)}
+    explicit = [ch.layers is not None for ch in chunks if not ch.standby]
     if any(explicit) and not all(explicit):
-        missing = [f"chunks[{i}]" for i, e in enumerate(explicit) if not e]
+        missing = [where_of[ch.name] for ch in chunks if not ch.standby and ch.layers is None]
         raise ConfigError(
             f"{missing[0]}.layers: some chunks give explicit layers and others do not; "
             "give layers to every chunk, or use weight for all of them")
     if placement != "weight":
         key = "memory_mb" if placement == "memory" else "speed"
-        for i, ch in enumerate(chunks):
+        for ch in chunks:
             if ch.layers is not None or ch.weight is not None:
                 raise ConfigError(
-                    f"chunks[{i}]: cluster.placement is {placement!r}, so layers come from each chunk's "
+                    f"{where_of[ch.name]}: cluster.placement is {placement!r}, so layers come from each chunk's "
                     f"{key}; remove its {'layers' if ch.layers is not None else 'weight'}")
             if getattr(ch, key) is None:
                 raise ConfigError(
-                    f"chunks[{i}].{key}: required when cluster.placement is {placement!r} "
+                    f"{where_of[ch.name]}.{key}: required when cluster.placement is {placement!r} "
                     f"(layers are split in proportion to it)")
     if all(explicit):
         expected = coordinator.layers[1] if coordinator.layers else 0
-        for i, ch in enumerate(chunks):
+        for ch in chunks:
+            if ch.standby:
+                continue
             start, end = ch.layers  # type: ignore[misc]
             if start != expected:
                 what = "overlaps the previous range" if start < expected else "leaves a gap"
                 raise ConfigError(
-                    f"chunks[{i}].layers: [{start}, {end}) {what}; ranges must be contiguous in ring "
+                    f"{where_of[ch.name]}.layers: [{start}, {end}) {what}; ranges must be contiguous in ring "
                     f"order, so this chunk must start at layer {expected}")
             expected = end
 
@@ -353,7 +389,17 @@ def parse_config(data: Any, source: str = "<dict>") -> ClusterConfig:
     return ClusterConfig(namespace=namespace.strip("/"), model=model, coordinator=coordinator,
                          chunks=tuple(chunks), heartbeat_period_s=heartbeat, discovery=discovery,
                          placement=placement, source=source, secret_file=secret_file,
-                         auth_max_age_s=auth_max_age)
+                         auth_max_age_s=auth_max_age, takeover_after_s=takeover_after)
+
+
+def _standby_hosts(c: dict) -> tuple[str, ...]:
+    hosts = c.get("standby_hosts", []) or []
+    if not isinstance(hosts, list):
+        raise ConfigError(f"coordinator.standby_hosts: expected a list of host names, got {hosts!r}")
+    out = tuple(_name({"host": h}, "host", f"coordinator.standby_hosts[{i}]", None) for i, h in enumerate(hosts))
+    if len(set(out)) != len(out):
+        raise ConfigError("coordinator.standby_hosts: a host is listed twice")
+    return out
 
 
 def _discovery(cluster: dict) -> DiscoveryConfig:
@@ -383,7 +429,8 @@ def load_config(path: str | os.PathLike) -> ClusterConfig:
     """Read and validate a YAML cluster config file."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} does not exist; pass --config with a valid path")
+        raise ConfigError(f"config file {str(p)!r} does not exist; give the path of a cluster config YAML "
+                          "(--config FILE for mdi-llm, config:=FILE for ros2 launch)")
     try:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as exc:

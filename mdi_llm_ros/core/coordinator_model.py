@@ -97,7 +97,8 @@ class CoordinatorModel:
     def encode_prompt(self, prompt: str, use_chat_template: bool, parse_special_tokens: bool = False) -> list[int]:
         """The prompt's token ids. By default special tokens written in the prompt (such as
         `<|im_start|>system`) stay plain text, so a user cannot inject turns or control tokens;
-        `parse_special_tokens` makes them control tokens, as a raw tokenizer call would."""
+        `parse_special_tokens` makes them control tokens, as a raw tokenizer call would.
+        """
         # The Rust tokenizer refuses concurrent use ("Already borrowed"): callers are serialised.
         with self._tokenizer_lock:
             return self._encode(prompt, use_chat_template, parse_special_tokens)
@@ -147,7 +148,8 @@ class CoordinatorModel:
 
 def quantized_head(reader, name: str, info: ModelInfo, device: torch.device) -> torch.nn.Module:
     """The LM head of a quantized node (formats.head_format), made a slice of rows at a time from
-    the file, so that neither its float values nor its unpacked integers exist whole."""
+    the file, so that neither its float values nor its unpacked integers exist whole.
+    """
     rows = info.tensor_shapes[name][0]
     slices = (reader.linear_rows(name, s, min(s + ROW_SLICE, rows)) for s in range(0, rows, ROW_SLICE))
     if head_format(info.tensor_kinds.get(name, "F32")) == "int4":
@@ -157,7 +159,8 @@ def quantized_head(reader, name: str, info: ModelInfo, device: torch.device) -> 
 
 def eos_ids(info: ModelInfo, tokenizer: TextTokenizer) -> set[int]:
     """Tokens that end a generation: the model's and its generation config's eos ids, and the
-    tokenizer's eos token (read from the folder's JSON files, without transformers)."""
+    tokenizer's eos token (read from the folder's JSON files, without transformers).
+    """
     ids: set[int] = set()
     sources = [info.text_config, info.raw_config]
     gen = info.path / "generation_config.json"

@@ -111,7 +111,8 @@ class DecoderSpec:
     @classmethod
     def _gemma3(cls, cfg: dict) -> tuple["DecoderSpec | None", str]:
         """Gemma 3's text layers: (1 + w) norms, GELU-tanh, norms around attention and the MLP,
-        local (sliding) and global layers with a RoPE base each, query_pre_attn_scalar."""
+        local (sliding) and global layers with a RoPE base each, query_pre_attn_scalar.
+        """
         if cfg.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
             return None, f"hidden_activation {cfg.get('hidden_activation')!r}"
         if cfg.get("attn_logit_softcapping") or cfg.get("final_logit_softcapping"):
@@ -148,7 +149,8 @@ class DecoderSpec:
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm as Llama-family models compute it (in float32, then cast back);
-    with `offset` (Gemma), scaled by (offset + weight) in float32 before the cast."""
+    with `offset` (Gemma), scaled by (offset + weight) in float32 before the cast.
+    """
 
     def __init__(self, size: int, eps: float, offset: float = 0.0) -> None:
         super().__init__()

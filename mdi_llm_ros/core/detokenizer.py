@@ -4,7 +4,8 @@ from __future__ import annotations
 
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text pieces, never splitting a UTF-8 character,
-    and holds back text that could be the start of a stop string."""
+    and holds back text that could be the start of a stop string.
+    """
 
     def __init__(self, tokenizer, stop: tuple[str, ...] = ()) -> None:
         self.tokenizer = tokenizer

@@ -24,5 +24,6 @@ EXACT_4_BIT = ("Q4_0", "Q4_1", "Q4_K")
 
 def head_format(stored: str) -> str:
     """What a quantized node's LM head becomes: the file's own 4-bit blocks where it has them, else
-    8-bit by groups of 32 (a head re-quantized to 4 bits changed greedy text after a few tokens)."""
+    8-bit by groups of 32 (a head re-quantized to 4 bits changed greedy text after a few tokens).
+    """
     return "int4" if stored in EXACT_4_BIT else "int8"

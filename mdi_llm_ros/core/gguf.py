@@ -203,7 +203,8 @@ class GGUFData:
         * "q8" (Q8_0): q int8, w = q * d.
 
         None for any other type (it is de-quantized and re-quantized). Rows [start, end) only, if
-        given: a large table is converted a slice at a time."""
+        given: a large table is converted a slice at a time.
+        """
         t = self.layout.tensors[name]
         if t.kind not in ("Q4_0", "Q4_1", "Q8_0", "Q4_K") or len(t.shape) != 2:
             return None
@@ -238,7 +239,8 @@ class GGUFData:
 
 def _q4_k_groups(raw: np.ndarray, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Q4_K super-blocks of 256 as 8 groups of 32 each: w = q * (d * sc) - dmin * m (q 0..15), the
-    same arithmetic as gguf's de-quantization; returns q (rows, cols), d and m (rows, cols / 32)."""
+    same arithmetic as gguf's de-quantization; returns q (rows, cols), d and m (rows, cols / 32).
+    """
     from gguf.quants import Q4_K
     blocks = raw.reshape(-1, raw.shape[-1] // (cols // 256))                # (super-blocks, 144)
     n = blocks.shape[0]
@@ -255,7 +257,8 @@ def _q4_k_groups(raw: np.ndarray, rows: int, cols: int) -> tuple[np.ndarray, np.
 class _Header:
     """A GGUF header read field by field: metadata values (vocabularies skipped, not decoded:
     the prepared tokenizer.json holds them, and decoding 50k strings costs ~100 MB at its peak)
-    and each tensor's name, dimensions, type and offset."""
+    and each tensor's name, dimensions, type and offset.
+    """
 
     _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
                 12: "<d"}

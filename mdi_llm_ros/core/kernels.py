@@ -30,7 +30,8 @@ PACK_BATCH_HINT = 8
 
 def row_bucket(rows: int) -> int:
     """The row count a packed matmul of `rows` rows runs with: the next power of two up to 64,
-    then the next multiple of 64 (a few dozen distinct counts for any batch or prompt)."""
+    then the next multiple of 64 (a few dozen distinct counts for any batch or prompt).
+    """
     if rows <= 64:
         return 1 << max(0, rows - 1).bit_length()
     return -(-rows // 64) * 64
@@ -114,7 +115,8 @@ class PackedHead(nn.Module):
 def pack_linears(module: nn.Module) -> int:
     """Replace every `nn.Linear` inside `module` by a PackedLinear, and give every other
     parameter (norm weights) storage of its own, so the module holds nothing of the tensors
-    it was loaded from (a reused read buffer); returns how many linears were packed."""
+    it was loaded from (a reused read buffer); returns how many linears were packed.
+    """
     count = 0
     for name, child in list(module.named_children()):
         if isinstance(child, nn.Linear):

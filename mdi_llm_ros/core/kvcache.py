@@ -124,7 +124,8 @@ class KVBatch:
                  valid: list[int] | None = None) -> None:
         """Every row writes `seq` new positions from its own; `valid`: how many of them are real
         (right-padded prefills), the rest are written but lie beyond the row's length, hidden
-        by the mask and overwritten by the row's next steps."""
+        by the mask and overwritten by the row's next steps.
+        """
         self.pool = pool
         dev = pool.device
         for cache, pos in zip(caches, positions, strict=True):
@@ -145,7 +146,8 @@ class KVBatch:
         """(rows, 1, seq, length) bool: which positions each new token sees: its row's cached
         positions before it and itself (causal), never a padded position past the row's real
         length. Covers decode (seq 1), prefills from position 0 and prefill pieces that extend
-        a cache (rows starting at different positions)."""
+        a cache (rows starting at different positions).
+        """
         dev = self.pool.device
         starts = torch.tensor(self.positions, device=dev)
         lengths = torch.tensor(self.lengths, device=dev)

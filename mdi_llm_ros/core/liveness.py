@@ -93,15 +93,18 @@ class ChunkLiveness:
     timeout_s: float
     epoch: int
     clock: Callable[[], float] = time.monotonic
+    view: int = 0
     owners: dict[str, Instance] = field(default_factory=dict)
     last_seen: dict[str, float] = field(default_factory=dict)        # last heartbeat that counted
     unready: dict[str, tuple[float, str]] = field(default_factory=dict)   # name -> (when, why) it did not count
     impostors: dict[str, Instance] = field(default_factory=dict)
 
-    def heard(self, name: str, started_at_ns: int, pid: int, host: str, epoch: int, ready: bool) -> Heard:
+    def heard(self, name: str, started_at_ns: int, pid: int, host: str, epoch: int, ready: bool,
+              view: int = 0) -> Heard:
         """Record a heartbeat of a chunk node. Only the accepted process counts, and only once it
-        has joined this coordinator's epoch and matched its ring neighbours (until then it would
-        drop our activations)."""
+        has joined this coordinator's epoch and view and matched its ring neighbours (until then
+        it would drop our activations).
+        """
         out = Heard()
         if name not in self.names:
             return out
@@ -122,6 +125,8 @@ class ChunkLiveness:
         owner.last_heard = now
         why_not = ("it has not joined this coordinator's epoch: it does not hear the coordinator"
                    if epoch != self.epoch else
+                   f"it computes in view {view}, not yet in view {self.view} (loading its layers)"
+                   if view != self.view else
                    "its ring topics have not matched both neighbours yet" if not ready else None)
         if why_not:
             self.unready[name] = (now, f"its heartbeats arrive, but {why_not}")
@@ -132,7 +137,8 @@ class ChunkLiveness:
 
     def members(self) -> tuple[list[str], list[int]]:
         """(names, accepted process of each): announced in the coordinator's heartbeat, so that a
-        second process with a node's name knows to stay idle."""
+        second process with a node's name knows to stay idle.
+        """
         names = [n for n in self.names if n in self.owners]
         return names, [self.owners[n].started_at_ns for n in names]
 
@@ -156,7 +162,8 @@ RING_COMPLETE = "ring complete: all chunk nodes are up; ready"
 @dataclass
 class RingCheck:
     """What one check of the ring decided: lines to log (level, text), and whether the requests
-    in flight must be replayed (a node that was missing is back: its caches are gone)."""
+    in flight must be replayed (a node that was missing is back: its caches are gone).
+    """
 
     log: list[tuple[str, str]] = field(default_factory=list)
     replay_for: list[str] = field(default_factory=list)     # the nodes that came back
@@ -164,7 +171,8 @@ class RingCheck:
 
 class RingWatch:
     """The coordinator's view of the ring's health, from heartbeats: which chunk nodes are
-    missing and why, when to say so again, and when to replay the requests in flight."""
+    missing and why, when to say so again, and when to replay the requests in flight.
+    """
 
     def __init__(self, names: list[str], heartbeat_timeout_s: float, epoch: int,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -180,10 +188,20 @@ class RingWatch:
     def ready(self) -> bool:
         return not self.missing
 
+    def set_view(self, names: list[str], view: int) -> None:
+        """A new view: these members, none counted until each reports ready in it; the requests in
+        flight are replayed once all are.
+        """
+        self.liveness.names = list(names)
+        self.liveness.view = view
+        self.liveness.last_seen.clear()
+        self.missing = list(names)
+        self.was_missing = set(names)
+
     def heard(self, name: str, started_at_ns: int, pid: int, host: str, epoch: int, ready: bool,
-              requests_in_flight: bool) -> list[tuple[str, str]]:
+              requests_in_flight: bool, view: int = 0) -> list[tuple[str, str]]:
         """Record a chunk heartbeat; returns lines to log."""
-        heard = self.liveness.heard(name, started_at_ns, pid, host, epoch, ready)
+        heard = self.liveness.heard(name, started_at_ns, pid, host, epoch, ready, view)
         log: list[tuple[str, str]] = []
         if heard.replaced is not None and requests_in_flight:
             self.was_missing.add(name)
@@ -218,3 +236,7 @@ class RingWatch:
                 out.replay_for = sorted(self.was_missing)
             self.was_missing.clear()
         return out
+
+    def forget(self, name: str) -> None:
+        """A node that left (deactivated, stopped): missing now, not after its heartbeats time out."""
+        self.liveness.last_seen.pop(name, None)

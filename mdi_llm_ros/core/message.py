@@ -31,6 +31,8 @@ class HopMessage:
     dtype: str = ""
     shape: list[int] = field(default_factory=list)
     data: object = b""          # any buffer: bytes, memoryview, array.array('B')
+    view: int = 0               # the ring's view it was sent in (core.view)
+    priority: int = 0           # its request's priority: chunks compute higher ones first
 
     @classmethod
     def with_tensor(cls, tensor: torch.Tensor, **fields) -> "HopMessage":

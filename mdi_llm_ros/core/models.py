@@ -120,7 +120,8 @@ def gguf_metadata_dir(path: Path) -> Path:
 
 def prepare_gguf(path: Path, force: bool = False) -> Path:
     """Write a GGUF file's config.json and tokenizer (as `transformers` reads them from the file),
-    once: a child process does it, so that `transformers` never stays in a node's memory."""
+    once: a child process does it, so that `transformers` never stays in a node's memory.
+    """
     target = gguf_metadata_dir(path)
     if (target / MARKER).is_file() and not force:
         return target
@@ -168,7 +169,8 @@ def prepare_model(name: str = DEFAULT_MODEL, *, force: bool = False,
 def reference_dir(name_or_path: str, log: Callable[[str], None] = _log) -> Path:
     """A float32 safetensors folder of a model, as `transformers` de-quantizes its GGUF: the
     reference that tests, `mdi-llm bench` and `mdi-llm eval` compare the ring with. Written
-    once (a folder model is its own reference). Serving never needs it."""
+    once (a folder model is its own reference). Serving never needs it.
+    """
     gguf = model_file(name_or_path)
     if gguf is None:
         return Path(os.path.expanduser(name_or_path))
@@ -256,7 +258,7 @@ class ModelInfo:
 
     @functools.cached_property
     def config(self):
-        """transformers' config object, built on first use: nodes that never ask never import transformers."""
+        """The `transformers` config object, built on first use: nodes that never ask never import transformers."""
         from transformers import AutoConfig
         return AutoConfig.from_pretrained(self.path)
 
@@ -281,7 +283,8 @@ class ModelInfo:
         (core.quant): int4, half a byte per weight and a bfloat16 scale and zero per group of 32;
         int8, a byte per weight and a bfloat16 scale per row, or (a GGUF Q8_0 tensor kept as it
         is) two int4 halves; the LM head as formats.head_format says; a quantized node's
-        embedding is read from the file when looked up."""
+        embedding is read from the file when looked up.
+        """
         shape = self.tensor_shapes[name]
         n = 1
         for s in shape:
@@ -307,7 +310,8 @@ class ModelInfo:
 
     def head_bytes(self, dtype_bytes: int, quantization: str = "none") -> int:
         """Bytes of what the coordinator holds besides layers: embedding, final norm, LM head (the
-        embedding and the head are int8 in a quantized cluster, at the file's own precision)."""
+        embedding and the head are int8 in a quantized cluster, at the file's own precision).
+        """
         return sum(self.tensor_weight_bytes(n, dtype_bytes, "int8" if quantization != "none" else "none")
                    for n in self.tensor_shapes if not n.startswith("model.layers."))
 
@@ -342,7 +346,8 @@ def _read_config(path: Path) -> dict:
 def load_model_info(name_or_path: str | Path) -> ModelInfo:
     """A model's config and tensor table (names, shapes, stored types and sizes), no weights read.
 
-    `name_or_path`: what model.name may be (a packaged model, a .gguf file, a folder)."""
+    `name_or_path`: what model.name may be (a packaged model, a .gguf file, a folder).
+    """
     gguf = model_file(str(name_or_path))
     path = resolve_model_dir(str(name_or_path))
     raw = _read_config(path)

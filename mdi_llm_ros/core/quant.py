@@ -39,7 +39,8 @@ ACT = torch.bfloat16          # activations of the integer kernels
 @dataclass
 class Int4Weight:
     """w = (q - 8) * scale + zero, per group of GROUP inputs: q (out, in) uint8 in 0..15,
-    scale and zero (out, in / GROUP) float32."""
+    scale and zero (out, in / GROUP) float32.
+    """
 
     q: torch.Tensor
     scale: torch.Tensor
@@ -73,7 +74,8 @@ CLIPS = (0.0, 0.04, 0.08, 0.12, 0.16, 0.2)
 def quantize_int4(w: torch.Tensor) -> Int4Weight:
     """Groupwise asymmetric 4-bit: for each group of 32 inputs, the range [lo, hi] (its min and max,
     each end clipped by one of CLIPS) with the least squared error; plain min/max lets one
-    outlier waste most of a group's 16 levels."""
+    outlier waste most of a group's 16 levels.
+    """
     out, inp = w.shape
     groups = w.float().reshape(-1, GROUP)                                   # (out * in / G, G)
     lo0, hi0 = groups.amin(-1), groups.amax(-1)
@@ -142,8 +144,9 @@ PACK_ELEMENTS = 1 << 21   # weights packed at a time (8 MB of the int32 the CPU 
 
 
 def _pack_cpu(q: torch.Tensor) -> torch.Tensor:
-    """q (out, in) 0..15 -> the CPU int4 kernel's packed (out, in / 2) uint8, a slice of rows at a
-    time (its layout is row by row, so slices concatenate; the kernel wants int32 input)."""
+    """Pack q (out, in) 0..15 into the CPU int4 kernel's packed (out, in / 2) uint8, a slice of rows at a
+    time (its layout is row by row, so slices concatenate; the kernel wants int32 input).
+    """
     step = max(64, PACK_ELEMENTS // q.shape[1] // 64 * 64)        # the packing wants N % 16 == 0
     return torch.cat([torch.ops.aten._convert_weight_to_int4pack_for_cpu(q[i:i + step].to(torch.int32), 1)
                       for i in range(0, q.shape[0], step)])
@@ -163,7 +166,8 @@ class Int4Linear(nn.Module):
 
     `weight` may be an iterable of row slices (a large head read a slice at a time) with `rows`
     their total: on the CPU each is packed into place before the next is made, so the unpacked
-    matrix never exists whole and no pieces are left to fragment the heap."""
+    matrix never exists whole and no pieces are left to fragment the heap.
+    """
 
     def __init__(self, weight: Int4Weight | Iterable[Int4Weight], bias: torch.Tensor | None,
                  device: torch.device, rows: int | None = None) -> None:
@@ -245,7 +249,8 @@ class Int8Linear(nn.Module):
     multiplied by the int4 kernel, whose groups carry the scales. With u = q + 128 = 16 hi + lo,
     q d = (hi - 8) 16 d + (lo - 8) d + 8 d, so two int4 matmuls (scale 16 d; scale d, zero 8 d)
     add up to the 8-bit product, each accumulated in float32 by the kernel. `weight` may be an
-    iterable of row slices with groups of 32 (a large head, one slice in memory at a time)."""
+    iterable of row slices with groups of 32 (a large head, one slice in memory at a time).
+    """
 
     def __init__(self, weight: Int8Weight | Iterable[Int8Weight], bias: torch.Tensor | None,
                  device: torch.device, rows: int | None = None) -> None:
@@ -316,7 +321,8 @@ class RefinedHead(nn.Module):
     float32. The kernels round their outputs to bfloat16 (~0.4% of a logit), which decides near
     ties differently from a float32 head; the `refine` largest of each position, the ones greedy
     decoding and sampling look at, are recomputed from the stored rows, read from the file when
-    needed (`rows(ids)` -> (len, in) float32), so no float copy of the head is held."""
+    needed (`rows(ids)` -> (len, in) float32), so no float copy of the head is held.
+    """
 
     def __init__(self, linear: nn.Module, rows, refine: int) -> None:
         super().__init__()
@@ -353,7 +359,8 @@ def join_linears(parts: list[nn.Module]) -> nn.Module | None:
     """Linear layers without bias stacked by output rows (q, k and v of a layer; gate and up), for one
     kernel call instead of several, made from their packed forms (so the unpacked integers of a
     whole layer never exist at once); None where their formats differ or the device's packed
-    layout does not stack by rows."""
+    layout does not stack by rows.
+    """
     if any(p.bias is not None for p in parts):
         return None
     if all(isinstance(p, Int4Linear) for p in parts):
@@ -380,7 +387,8 @@ def join_linears(parts: list[nn.Module]) -> nn.Module | None:
 
 def concat_weights(weights: list[Int4Weight | Int8Weight]) -> Int4Weight | Int8Weight | None:
     """Matrices stacked by rows (q, k and v of a layer; gate and up), for one kernel call instead of
-    several; None where their formats differ."""
+    several; None where their formats differ.
+    """
     first = weights[0]
     if isinstance(first, Int4Weight) and all(isinstance(w, Int4Weight) for w in weights):
         return Int4Weight(torch.cat([w.q for w in weights]), torch.cat([w.scale for w in weights]),

@@ -80,8 +80,9 @@ def defaults() -> GenerateParams:
 
 
 def check_text(name: str, text: str) -> None:
-    """Refuse text the wire or the tokenizer would change silently: NUL (DDS strings end there),
-    other control characters than \\n \\r \\t, and replacement or surrogate characters."""
+    r"""Refuse text the wire or the tokenizer would change silently: NUL (DDS strings end there),
+    other control characters than \n \r \t, and replacement or surrogate characters.
+    """
     if "\ufffd" in text or any(0xD800 <= ord(ch) <= 0xDFFF for ch in text):
         raise RequestError(ErrorCode.INVALID_TEXT,
                            f"{name} contains invalid UTF-8 (replacement or surrogate characters)")
@@ -157,4 +158,4 @@ def field_names(cls) -> list[str]:
     return [f.name for f in fields(cls)]
 
 
-PieceCallback = Callable[[str, int, int], None]   # (text piece, token id, tokens so far)
+PieceCallback = Callable[[str, list[int], int], None]   # (text piece, the tokens it completes, tokens so far)

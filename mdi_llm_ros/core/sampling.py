@@ -57,3 +57,14 @@ class Sampler:
             scores = scores.masked_fill(drop_sorted.scatter(0, order, drop_sorted), -math.inf)
         probs = torch.softmax(scores, dim=-1)
         return int(torch.multinomial(probs.cpu(), 1, generator=self.generator).item())
+
+    def skip(self, n: int, vocab: int) -> None:
+        """Advance a sampling request's generator past `n` tokens it already drew (a request resumed
+        after a coordinator failover): each draw takes the same random numbers whatever the
+        probabilities, so the tokens after these are the ones an undisturbed run would draw.
+        """
+        if self.generator is None or n <= 0:
+            return
+        uniform = torch.full((vocab,), 1.0 / vocab, dtype=torch.float64)
+        for _ in range(n):
+            torch.multinomial(uniform, 1, generator=self.generator)

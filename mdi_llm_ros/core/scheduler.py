@@ -82,6 +82,9 @@ class _Request:
     last_piece_at: int = 0
     in_pieces: bool = False        # its prefill is in pieces and not through: it does not hold its wave
     late: bool = False             # its wave left without it: it holds no wave until it is back
+    priority: int = 0              # > 0: admitted first, travels on its own (never waits for a wave)
+    resumed: int = 0               # tokens it arrived with (resume_token_ids, after a coordinator failover)
+    emitted: int = 0               # tokens whose text the caller has been given (feedback)
 
 
 class RingScheduler:
@@ -92,7 +95,8 @@ class RingScheduler:
                  queue_limit: int = 32, max_context: int = 2048,
                  request_timeout_s: float = 120.0, clock: Callable[[], float] = time.monotonic,
                  waves: int = 0, send_wave: Callable[[list[HopMessage]], None] | None = None,
-                 wave_hold_s: float = 0.25, prefill_chunk_tokens: int = 0, pieces_ahead: int = 1) -> None:
+                 wave_hold_s: float = 0.25, prefill_chunk_tokens: int = 0, pieces_ahead: int = 1,
+                 priority_slots: int = 0, priority_aging_s: float = 10.0) -> None:
         self.model = model
         self._send = send
         # Chunked prefill (prefill_chunk_tokens > 0): a longer prompt travels the ring in pieces
@@ -125,35 +129,63 @@ class RingScheduler:
         self.drops: Counter[str] = Counter()    # ring outputs dropped, per cause (the heartbeat reports them)
         self.not_ready_reason: str | None = None   # set while the ring is incomplete (set_missing)
         self.lost_nodes: list[str] = []
+        # Requests of priority > 0 may be in flight beyond max_inflight by this many; a queued
+        # request gains one priority level per priority_aging_s of waiting, so none waits forever.
+        self.priority_slots = priority_slots
+        self.priority_aging_s = priority_aging_s
+        self.view = 0                  # the ring view messages are sent in (core.view)
+        self.held: str | None = None   # why admission and decoding wait (a takeover under way)
 
     @classmethod
     def for_plan(cls, model: CoordinatorModel, plan: "ClusterPlan", send: Callable[[HopMessage], None], *,
                  waves: int, send_wave: Callable[[list[HopMessage]], None] | None = None,
                  epoch: int | None = None) -> "RingScheduler":
         """A scheduler with a cluster plan's coordinator settings: the one place that turns
-        the config's keys into scheduler options, for the ROS coordinator and LocalRing alike."""
+        the config's keys into scheduler options, for the ROS coordinator and LocalRing alike.
+        """
         c = plan.config.coordinator
         return cls(model, send, send_wave=send_wave, waves=waves, cluster=plan.config.namespace, epoch=epoch,
                    max_inflight=c.max_inflight, queue_limit=c.queue_limit, max_context=plan.max_context,
                    request_timeout_s=c.request_timeout_s, prefill_chunk_tokens=c.prefill_chunk_tokens,
-                   pieces_ahead=len(plan.chunks))
+                   pieces_ahead=len(plan.chunks), priority_slots=c.priority_slots,
+                   priority_aging_s=c.priority_aging_s)
 
     # --- the ring's state, as the coordinator's watch sees it -----------------------------
-    def set_missing(self, missing: list[str]) -> None:
+    def set_missing(self, missing: list[str], hold: bool = False) -> None:
         """Chunk nodes without a heartbeat: new requests are refused NOT_READY while any is
-        missing, and requests that time out meanwhile fail NODE_LOST."""
+        missing (hold: queued instead, a takeover is expected), and requests that time out
+        meanwhile fail NODE_LOST.
+        """
         with self._lock:
             self.lost_nodes = list(missing)
             self.not_ready_reason = (f"ring incomplete: no heartbeat from {', '.join(missing)}; start them "
-                                     "(mdi-llm cluster / ros2 launch) or check their logs") if missing else None
+                                     "(mdi-llm cluster / ros2 launch) or check their logs") if missing and not hold \
+                else None
+            if hold and missing:
+                self.held = f"waiting for {', '.join(missing)} (a takeover follows if they stay silent)"
 
-    def refusal(self) -> RequestError | None:
+    def set_view(self, view: int) -> None:
+        """The ring moves to a new view: what is on the ring now is stale; admission and decoding
+        wait until replay_inflight, once every member is ready in it.
+        """
+        with self._lock:
+            self.view = view
+            self.held = f"the ring is moving to view {view}"
+            for req in self._inflight.values():
+                req.parked_token = None         # the replay sends the whole history
+                req.in_ring = False
+
+    def _capacity(self, priority: int) -> int:
+        return self.max_inflight + (self.priority_slots if priority > 0 else 0)
+
+    def refusal(self, priority: int = 0) -> RequestError | None:
         """Why a new request would be refused now (NOT_READY, BUSY), or None: the one rule for the
-        service and the action."""
+        service and the action.
+        """
         with self._lock:
             if self.not_ready_reason:
                 return RequestError(ErrorCode.NOT_READY, self.not_ready_reason)
-            if len(self._inflight) >= self.max_inflight and len(self._queue) >= self.queue_limit:
+            if len(self._inflight) >= self._capacity(priority) and len(self._queue) >= self.queue_limit:
                 return RequestError(ErrorCode.BUSY,
                                     f"{len(self._inflight)} requests in flight and {len(self._queue)} queued "
                                     f"(queue_limit {self.queue_limit}); retry later")
@@ -170,18 +202,30 @@ class RingScheduler:
             raise RequestError(ErrorCode.PROMPT_TOO_LONG,
                                f"prompt has {len(prompt_ids)} tokens; the context holds {self.max_context} "
                                "including at least one new token: shorten it")
+        resume = list(params.resume_token_ids)
+        vocab = self.model.info.vocab_size
+        if any(t >= vocab for t in resume):
+            raise RequestError(ErrorCode.INVALID_RESUME, f"resume_token_ids holds ids beyond the vocabulary ({vocab})")
+        if len(prompt_ids) + len(resume) >= self.max_context:
+            raise RequestError(ErrorCode.INVALID_RESUME, f"prompt ({len(prompt_ids)}) and resumed tokens "
+                               f"({len(resume)}) fill the context of {self.max_context}: the request has ended")
         with self._lock:
-            refused = self.refusal()
+            refused = self.refusal(params.priority)
             if refused is not None:
                 raise refused
             rid = self.next_request_id
             self.next_request_id += 1
             handle = RequestHandle(self, rid)
             sampling = SamplingParams(params.temperature, params.top_k, params.top_p, params.seed)
-            req = _Request(rid=rid, params=params, prompt_ids=prompt_ids, sampler=Sampler(sampling),
-                           detok=IncrementalDetokenizer(self.model.tokenizer, tuple(params.stop)),
-                           handle=handle, on_piece=on_piece, submitted=self.clock())
-            if len(self._inflight) < self.max_inflight:
+            sampler = Sampler(sampling)
+            detok = IncrementalDetokenizer(self.model.tokenizer, tuple(params.stop))
+            for t in resume:                     # what the caller already holds: no pieces for it again
+                detok.add(t)
+            sampler.skip(len(resume), vocab)     # a seeded request draws on from where it was
+            req = _Request(rid=rid, params=params, prompt_ids=prompt_ids, sampler=sampler, detok=detok,
+                           handle=handle, on_piece=on_piece, submitted=self.clock(), tokens=resume,
+                           priority=params.priority, resumed=len(resume), emitted=len(resume))
+            if self.held is None and len(self._inflight) < self._capacity(req.priority):
                 self._admit(req)
             else:
                 self._queue.append(req)
@@ -206,13 +250,32 @@ class RingScheduler:
         if self.waves:
             sizes = [0] * self.waves
             for other in self._inflight.values():
-                sizes[other.wave] += 1
-            req.wave = min(range(self.waves), key=lambda w: (sizes[w], w))
+                if other.wave >= 0:
+                    sizes[other.wave] += 1
+            # a priority request joins no wave: it travels on its own, at once, every step
+            req.wave = -1 if req.priority > 0 else min(range(self.waves), key=lambda w: (sizes[w], w))
         self._inflight[req.rid] = req
         self.max_inflight_seen = max(self.max_inflight_seen, len(self._inflight))
-        log.info("request %d admitted (%d prompt tokens); in flight: %d", req.rid, len(req.prompt_ids),
+        log.info("request %d admitted (%d prompt tokens%s, priority %d); in flight: %d", req.rid,
+                 len(req.prompt_ids), f", {req.resumed} resumed" if req.resumed else "", req.priority,
                  len(self._inflight))
-        self._send_prefill(req, req.prompt_ids)
+        self._send_prefill(req, req.prompt_ids + req.tokens)
+
+    def _admit_queued(self) -> None:
+        """Admit queued requests while there is room: the highest priority first, a request's
+        priority growing by one per priority_aging_s it waits (so none waits forever); FIFO
+        among equals.
+        """
+        if self.held is not None or self.not_ready_reason:
+            return
+        now = self.clock()
+        while self._queue:
+            best = max(self._queue, key=lambda r: (r.priority + int((now - r.submitted) / self.priority_aging_s),
+                                                   -r.submitted, -r.rid))
+            if len(self._inflight) >= self._capacity(best.priority):
+                return
+            self._queue.remove(best)
+            self._admit(best)
 
     def _send_prefill(self, req: _Request, token_ids: list[int]) -> None:
         """Send a prompt (or a replayed history) whole, or its first pieces (chunked prefill)."""
@@ -240,22 +303,24 @@ class RingScheduler:
         req.in_ring = True
         req.sent_at = self.clock()
         return HopMessage.with_tensor(hidden, cluster=self.cluster, epoch=self.epoch, request_id=req.rid,
-                                      step=step, first_position=position, kind=kind, hop=0)
+                                      step=step, first_position=position, kind=kind, hop=0, view=self.view,
+                                      priority=min(req.priority, 255))
 
     def _send_release(self, rid: int, step: int) -> None:
         if self.model.local_layers is not None:
             self.model.local_layers.release(rid)
         self._send(HopMessage(cluster=self.cluster, epoch=self.epoch, request_id=rid, step=step,
-                              first_position=0, kind=KIND_RELEASE, hop=0))
+                              first_position=0, kind=KIND_RELEASE, hop=0, view=self.view))
 
     def on_ring_outputs(self, msgs: list[HopMessage]) -> None:
         """Several ring outputs at once: one LM-head matmul and one embedding lookup for all of
         them (the head's weights are read once), then per request: sample, re-inject or finish.
-        A bad output is dropped on its own, and one request's failure ends that request alone."""
+        A bad output is dropped on its own, and one request's failure ends that request alone.
+        """
         ready: list[tuple[_Request, torch.Tensor]] = []
         with self._lock:
             for msg in msgs:
-                if msg.epoch != self.epoch or msg.cluster != self.cluster:
+                if msg.epoch != self.epoch or msg.cluster != self.cluster or msg.view != self.view:
                     self.drops["stale_output"] += 1
                     continue
                 req = self._inflight.get(msg.request_id)
@@ -315,13 +380,16 @@ class RingScheduler:
                     going.append((req, token))
             if not going:
                 return
-            if self.waves:
-                for req, token in going:
-                    req.parked_token, req.parked_at = token, now
-                self._send_complete_waves({req.wave for req, _ in going})
+            if self.held is not None:            # a takeover is under way: the replay sends them
                 return
-            for msg in self._decode_messages(going):
+            alone = [(req, token) for req, token in going if not self.waves or req.wave < 0]
+            for msg in self._decode_messages(alone) if alone else []:
                 self._send(msg)
+            waving = [(req, token) for req, token in going if self.waves and req.wave >= 0]
+            for req, token in waving:
+                req.parked_token, req.parked_at = token, now
+            if waving:
+                self._send_complete_waves({req.wave for req, _ in waving})
 
     def _output(self, msg: HopMessage) -> torch.Tensor:
         """A ring output's hidden states (1, seq, hidden) in the model's dtype; ValueError if malformed."""
@@ -351,9 +419,14 @@ class RingScheduler:
 
     def _send_complete_waves(self, waves: set[int], force: bool = False) -> None:
         """Send the next step of every parked request of a wave whose members are all back
-        (or, with force, whose oldest parked member waited longer than wave_hold_s)."""
+        (or, with force, whose oldest parked member waited longer than wave_hold_s).
+        """
+        if self.held is not None:
+            return
         now = self.clock()
         for w in sorted(waves):
+            if w < 0:
+                continue
             members = [r for r in self._inflight.values() if r.wave == w]
             parked = [r for r in members if r.parked_token is not None]
             if not parked:
@@ -376,7 +449,7 @@ class RingScheduler:
         """Append a sampled token; finish the request if it is done. True if it goes on."""
         req.tokens.append(token)
         self.tokens_generated += 1
-        if len(req.tokens) == 1:
+        if len(req.tokens) == req.resumed + 1:
             req.first_token_at = now
         req.last_token_at = now
         reason = None
@@ -392,15 +465,19 @@ class RingScheduler:
             elif len(req.prompt_ids) + len(req.tokens) >= self.max_context:
                 reason = "length"
         if piece and req.on_piece:
-            self._emit(req, piece, token)
+            self._emit(req, piece)
         if reason:
             self._finish(req, reason, last_token=token)
             return False
         return True
 
-    def _emit(self, req: _Request, piece: str, token: int) -> None:
+    def _emit(self, req: _Request, piece: str) -> None:
+        """Give the caller a piece of text and the tokens it completes (every token since the last
+        piece: a client that resumes after a failover sends them all back).
+        """
+        ids, req.emitted = req.tokens[req.emitted:], len(req.tokens)
         try:
-            req.on_piece(piece, token, len(req.tokens))
+            req.on_piece(piece, ids, len(req.tokens))
         except Exception:                              # a client callback must not stop the ring
             log.exception("feedback callback of request %d failed", req.rid)
 
@@ -409,17 +486,17 @@ class RingScheduler:
                 error: tuple[str, str] | None = None) -> None:
         tail = req.detok.finish()
         if tail and req.on_piece and error is None:
-            self._emit(req, tail, last_token if last_token is not None else -1)
+            self._emit(req, tail)
         self._inflight.pop(req.rid, None)
         self._send_release(req.rid, len(req.tokens) + 1)
         self._complete(req, reason, error=error)
         if self.waves:
             self._send_complete_waves({req.wave})
-        while self._queue and len(self._inflight) < self.max_inflight and not self.not_ready_reason:
-            self._admit(self._queue.popleft())
+        self._admit_queued()
 
     def _complete(self, req: _Request, reason: str, error: tuple[str, str] | None = None) -> None:
         n = len(req.tokens)
+        new = n - req.resumed
         decode_time = req.last_token_at - req.first_token_at
         result = GenerationResult(
             success=error is None and reason != "cancelled",
@@ -427,8 +504,8 @@ class RingScheduler:
             error_message=error[1] if error else ("request was cancelled" if reason == "cancelled" else ""),
             text=req.detok.text, token_ids=list(req.tokens), prompt_tokens=len(req.prompt_ids),
             generated_tokens=n, finish_reason="error" if error else reason,
-            time_to_first_token=(req.first_token_at - req.submitted) if n else 0.0,
-            tokens_per_second=(n - 1) / decode_time if n > 1 and decode_time > 0 else 0.0)
+            time_to_first_token=(req.first_token_at - req.submitted) if new else 0.0,
+            tokens_per_second=(new - 1) / decode_time if new > 1 and decode_time > 0 else 0.0)
         self.completed += 1
         log.info("request %d finished: %s, %d tokens", req.rid, result.finish_reason, n)
         req.handle._finish(result)
@@ -447,11 +524,13 @@ class RingScheduler:
 
     def poll(self) -> None:
         """Time out requests that exceeded request_timeout_s (NODE_LOST if nodes are missing);
-        send waves held longer than wave_hold_s (a member is slow or lost)."""
+        send waves held longer than wave_hold_s (a member is slow or lost).
+        """
         now = self.clock()
         with self._lock:
             if self.waves:
                 self._send_complete_waves(set(range(self.waves)), force=True)
+            self._admit_queued()
             expired = [r for r in list(self._inflight.values()) + list(self._queue)
                        if now - r.submitted > self.request_timeout_s]
             for req in expired:
@@ -469,16 +548,25 @@ class RingScheduler:
     def replay_inflight(self) -> int:
         """Rebuild every in-flight request's caches by sending its whole token history as a prefill.
 
-        Used after a lost chunk node came back: the request continues where it
-        was, at the step its lost message would have produced.
+        Used after a lost chunk node came back, or the ring moved to a new view: the request
+        continues where it was, at the step its lost message would have produced. Admission and
+        decoding, held meanwhile, go on.
         """
         with self._lock:
+            self.held = None
             reqs = list(self._inflight.values())
             for req in reqs:
                 req.parked_token = None         # the history below already holds it
                 history = req.prompt_ids + req.tokens
                 self._send_prefill(req, history)
+            self._admit_queued()
             return len(reqs)
+
+    def resume(self) -> None:
+        """The ring is whole again with nothing to replay: admit what waited."""
+        with self._lock:
+            self.held = None
+            self._admit_queued()
 
     # --- introspection ------------------------------------------------------------------
     @property
@@ -491,6 +579,7 @@ class RingScheduler:
 
     def ring_view(self) -> tuple[list[int], int]:
         """(requests in flight, the id the next one gets), read together: the heartbeat tells the
-        chunks, which free the caches of ids below the second that are not in the first."""
+        chunks, which free the caches of ids below the second that are not in the first.
+        """
         with self._lock:
             return sorted(self._inflight), self.next_request_id

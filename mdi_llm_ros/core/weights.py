@@ -164,7 +164,8 @@ class TensorRows:
 
     def block(self, start: int, end: int, buffer: torch.Tensor | None = None) -> torch.Tensor:
         """Rows [start, end) as a (end - start, width) tensor in `dtype`, in one read; into
-        `buffer` (a former result with at least as many rows) where the dtypes allow."""
+        `buffer` (a former result with at least as many rows) where the dtypes allow.
+        """
         if not 0 <= start <= end <= self.shape[0]:
             raise IndexError(f"rows [{start}, {end}) are outside the table's {self.shape[0]} rows")
         if buffer is not None and buffer.dtype == self.stored and buffer.shape[0] >= end - start:
@@ -196,7 +197,8 @@ class GGUFWeights:
 
     Each tensor is read by offset and turned into what the node computes with: float values
     (`read`, the same numbers `transformers` de-quantizes), or the file's own integer blocks
-    where they map exactly onto the kernels (`linear_source`)."""
+    where they map exactly onto the kernels (`linear_source`).
+    """
 
     def __init__(self, info: ModelInfo) -> None:
         from .gguf import GGUFData
@@ -223,7 +225,8 @@ class GGUFWeights:
 
     def linear_source(self, name: str):
         """A matrix for a quantized node: the file's own Q4_0/Q4_1/Q8_0 blocks (core.quant weights),
-        else its float32 values, to be re-quantized."""
+        else its float32 values, to be re-quantized.
+        """
         from .quant import from_blocks
         self._check(name)
         self.names_read.append(name)

@@ -11,12 +11,13 @@ M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8      # glibc mallopt parameters
 
 
 def _tune_malloc(arenas: int = 2, mmap_threshold: int = 1 << 20) -> None:
-    """glibc gives each thread that allocates its own heap ("arena"), up to 8 per core: the
-    coordinator's executor threads (one per waiting caller) fragment memory across them. And
+    """Tune glibc's allocator: it gives each thread that allocates its own heap ("arena"), up to
+    8 per core: the coordinator's executor threads (one per waiting caller) fragment memory across them. And
     glibc raises its mmap threshold each time a large block is freed, so the megabyte-sized
     temporaries of loading (de-quantized matrices being re-quantized) end up in the heap and
     fragment it for good; a fixed 1 MiB threshold maps them and returns them when freed.
-    No-op on other C libraries."""
+    No-op on other C libraries.
+    """
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.mallopt(M_ARENA_MAX, arenas)

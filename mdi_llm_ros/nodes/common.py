@@ -21,12 +21,15 @@ from typing import Callable
 import psutil
 import rclpy
 import torch
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.executors import MultiThreadedExecutor, SingleThreadedExecutor
 from rclpy.signals import SignalHandlerOptions
 
 from mdi_llm_ros.msg import Activation, ActivationBatch, NodeStatus
 
 from ..core.auth import Sealer
+from ..core.health import ERROR, OK, WARN, Health
 from ..core.errors import ConfigError
 from ..core.liveness import EVENTS_FD_ENV
 from ..core.errors import ModelError
@@ -42,6 +45,8 @@ def to_msg(h: HopMessage) -> Activation:
     m = Activation()
     m.cluster = h.cluster
     m.epoch = h.epoch
+    m.view = h.view
+    m.priority = h.priority
     m.request_id = h.request_id
     m.step = h.step
     m.first_position = h.first_position
@@ -60,7 +65,7 @@ def to_msg(h: HopMessage) -> Activation:
 def from_msg(m: Activation) -> HopMessage:
     return HopMessage(cluster=m.cluster, epoch=m.epoch, request_id=m.request_id, step=m.step,
                       first_position=m.first_position, kind=m.kind, hop=m.hop, dtype=m.dtype,
-                      shape=list(m.shape), data=m.data)
+                      shape=list(m.shape), data=m.data, view=m.view, priority=m.priority)
 
 
 def to_batch_msg(hops: list[HopMessage]) -> ActivationBatch:
@@ -78,7 +83,8 @@ def from_batch_msgs(batches: list[ActivationBatch]) -> list[HopMessage]:
 class NodeAuth:
     """A node's side of the authenticated mode (cluster.secret_file): it seals what it publishes
     on the ring and the status topic, and lets in only what is sealed, fresh and not replayed.
-    Without a key (plain mode) everything passes unchanged."""
+    Without a key (plain mode) everything passes unchanged.
+    """
 
     def __init__(self, key: bytes | None, max_age_s: float) -> None:
         self.key = key
@@ -157,6 +163,12 @@ class RingLoop:
                 if not self._stop.is_set():
                     self._log.error(f"{len(batches)} ring messages dropped: {exc!r}")
 
+    def retopic(self, node, topic: str) -> None:
+        """Listen on another ring topic (a new view moved this node to another hop)."""
+        old = self.subscription
+        self.subscription = node.create_subscription(ActivationBatch, topic, self._on_batch, RING_QOS)
+        node.destroy_subscription(old)
+
     def stop(self, timeout: float = 2.0) -> None:
         self._stop.set()
         self.thread.join(timeout)       # a forward takes well under a second
@@ -164,7 +176,8 @@ class RingLoop:
 
 def supervisor_event(event: str, **fields) -> None:
     """Tell the launcher that started this node what happened (a JSON line on the pipe it passed
-    in MDI_EVENTS_FD): it acts on these, never on log text. No launcher, no pipe: nothing."""
+    in MDI_EVENTS_FD): it acts on these, never on log text. No launcher, no pipe: nothing.
+    """
     fd = os.environ.get(EVENTS_FD_ENV)
     if not fd:
         return
@@ -174,6 +187,61 @@ def supervisor_event(event: str, **fields) -> None:
         pass
 
 
+_LEVELS = {OK: DiagnosticStatus.OK, WARN: DiagnosticStatus.WARN, ERROR: DiagnosticStatus.ERROR}
+
+
+def diagnostics_of(node, health: Health, name: str, hardware_id: str) -> DiagnosticArray:
+    """One node's health as /diagnostics carries it (one status per node)."""
+    status = DiagnosticStatus()
+    status.level = _LEVELS[health.level]
+    status.name = f"mdi_llm_ros: {name}"
+    status.message = health.message
+    status.hardware_id = hardware_id
+    status.values = [KeyValue(key=k, value=v) for k, v in health.values.items()]
+    array = DiagnosticArray()
+    array.header.stamp = node.get_clock().now().to_msg()
+    array.status = [status]
+    return array
+
+
+def declare_plan_parameters(node, plan, n, namespace: str) -> None:
+    """Read-only parameters with this node's slice of the configured plan, so that
+    `ros2 param dump /chunk_0` shows what it runs. The config file stays the one source of truth:
+    these say what it planned (a takeover's view is in /diagnostics and the status topic).
+    """
+    values = {"role": n.role, "host": n.host, "device": n.device, "layer_start": n.layer_start,
+              "layer_end": n.layer_end, "hop": n.hop, "inbound_topic": n.inbound_topic,
+              "outbound_topic": n.outbound_topic, "dtype": plan.dtype, "kernels": plan.kernels,
+              "quantization": plan.quantization, "standby": n.standby, "cluster_namespace": namespace}
+    meaning = {"role": "coordinator or chunk", "host": "the device this node is planned on",
+               "device": "torch device of its layers", "layer_start": "first layer held (inclusive)",
+               "layer_end": "last layer held (exclusive)", "hop": "index on the ring (-1: coordinator, spare)",
+               "inbound_topic": "ring topic it computes from", "outbound_topic": "ring topic it publishes to",
+               "dtype": "activation dtype", "kernels": "model.kernels", "quantization": "model.quantization",
+               "standby": "a spare: off the ring until a takeover", "cluster_namespace": "cluster.namespace"}
+    for key, value in values.items():
+        node.declare_parameter(f"plan.{key}", value, ParameterDescriptor(
+            description=f"{meaning[key]} (from the config's plan; read-only)", read_only=True))
+
+
+def node_name_from_argv(argv: list[str], default: str) -> str:
+    """The name given as `-p node_name:=X` on the command line, so that a node started with
+    `ros2 run` without `-r __node:=X` is still /X (a remap, if given, wins anyway).
+    """
+    for arg in argv:
+        if arg.startswith("node_name:=") and len(arg) > len("node_name:="):
+            return arg[len("node_name:="):]
+    return default
+
+
+def lifecycle_state(node) -> str:
+    """The managed node's state label: unconfigured, inactive, active, finalized (or a transition)."""
+    try:
+        return node._state_machine.current_state[1]
+    except AttributeError:
+        return "active"
+
+
 def rss_bytes() -> int:
     return psutil.Process().memory_info().rss
 
@@ -181,7 +249,8 @@ def rss_bytes() -> int:
 def make_status(node, *, name: str, cluster: str, role: str, host: str, device: str, layers: tuple[int, int],
                 epoch: int, ready: bool, cached: int, queue: int, tokens: int, drops: dict[str, int],
                 missing: list[str] = (), bytes_received: int = 0, busy_seconds: float = 0.0,
-                kv_cache: tuple[int, int] = (0, 0)) -> NodeStatus:
+                kv_cache: tuple[int, int] = (0, 0), view: int = 0, leaving: bool = False,
+                standby: bool = False) -> NodeStatus:
     """kv_cache: (bytes held now, most held at once) of a chunk's KV cache."""
     s = NodeStatus()
     s.stamp = node.get_clock().now().to_msg()
@@ -191,6 +260,8 @@ def make_status(node, *, name: str, cluster: str, role: str, host: str, device: 
     s.started_at_ns = PROCESS_STARTED_NS
     s.pid = os.getpid()
     s.ready = ready
+    s.lifecycle_state = lifecycle_state(node)
+    s.leaving, s.standby, s.view = leaving, standby, view
     s.requests_cached = cached
     s.queue_depth = queue
     s.resident_memory_bytes = rss_bytes()
@@ -230,6 +301,8 @@ def run_node(make_node, num_threads: int | Callable[[object], int] = 2, grace_s:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    from ..shm import hold_dead_ports
+    hold_dead_ports()             # before the first participant: never reopen a dead process's port
     rclpy.init(args=sys.argv, signal_handler_options=SignalHandlerOptions.NO)
     node = None
     try:

@@ -25,7 +25,8 @@ class StatusWatch:
 
     def fresh(self, wait_s: float = 1.5, expect: int = 0, max_wait_s: float = 5.0) -> dict:
         """Statuses published from now on: at least `wait_s`, and until `expect` nodes were heard
-        (a node busy computing may publish late) or `max_wait_s` passed."""
+        (a node busy computing may publish late) or `max_wait_s` passed.
+        """
         self.latest.clear()
         time.sleep(wait_s)
         end = time.monotonic() + max_wait_s - wait_s
@@ -56,7 +57,8 @@ def format_rows(rows: list[dict]) -> str:
 
 def run_status(cfg, *, wait_ready_s: float | None, as_json: bool) -> int:
     """`mdi-llm status`: what every node of the cluster says in its heartbeat (from any device of the
-    domain). With wait_ready_s: first wait until the coordinator says the ring is complete."""
+    domain). With wait_ready_s: first wait until the coordinator says the ring is complete.
+    """
     import json
     import sys
 

@@ -64,7 +64,8 @@ def _tensors(shape: Shape):
 
 def _tokenizer_fields(vocab: int) -> dict:
     """The shipped SmolLM2 file's GPT-2-style tokenizer, cut to `vocab` tokens (merges whose
-    pieces and result all survive), so that prompts encode and decode."""
+    pieces and result all survive), so that prompts encode and decode.
+    """
     from gguf import GGUFReader
 
     from ..core.models import PACKAGED_MODELS, packaged_gguf

@@ -50,8 +50,8 @@ def run_bench(*, quick: bool, pin: bool, threads: int | None, model: str, out_di
     ns = ns or ([1, 4] if quick else [1, 2, 4, 8, 16])
     tokens = tokens or (24 if quick else 64)
     kernels = kernels or (["exact"] if netlab else ["exact", "packed"])
-    quantization = quantization if quantization is not None else ([] if netlab else ["int4"] if quick
-                                                                   else ["int4", "int8"])
+    if quantization is None:
+        quantization = [] if netlab else ["int4"] if quick else ["int4", "int8"]
     if bad := [x for x in kernels if x not in KERNELS]:
         raise ConfigError(f"--kernels: {bad[0]!r} is not one of {', '.join(KERNELS)}")
     if bad := [x for x in quantization if x not in QUANTIZATIONS or x == "none"]:
@@ -136,7 +136,8 @@ def run_eval(model: str, quantization: str, workdir: Path) -> dict:
 
 def run_synthetic(ks: list[int], tokens: int, workdir: Path, peers: bool, pin: bool, threads: int | None) -> dict:
     """The 1.1B synthetic model (random weights, TinyLlama's shape, GGUF Q4_0): int4 rings of K chunk
-    nodes, one request, and llama.cpp over K RPC servers on the same file."""
+    nodes, one request, and llama.cpp over K RPC servers on the same file.
+    """
     from ..synth import synthesize
     gguf = synthesize("tinyllama-1b")
     out: dict = {"model": "tinyllama-1b (synthetic)", "gguf": str(gguf), "rings": []}

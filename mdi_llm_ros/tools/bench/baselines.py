@@ -1,5 +1,6 @@
 """Baselines in one process (plain transformers), the node runtime's own memory, and where a
-greedy text leaves transformers'. Each runs as a child process (see common.child_json)."""
+greedy text leaves transformers'. Each runs as a child process (see common.child_json).
+"""
 from __future__ import annotations
 
 import json
@@ -76,7 +77,8 @@ def run_baseline(mode: str, model_dir: str, n: int, tokens: int, threads: int) -
 def floor_main() -> int:
     """Child: python -m mdi_llm_ros.tools.bench --floor. A chunk node process's runtime before any
     weights or caches: the interpreter, the chunk node's imports (torch, numpy, rclpy) and one
-    ROS node with its DDS participant, spun for a second. Prints one JSON line."""
+    ROS node with its DDS participant, spun for a second. Prints one JSON line.
+    """
     import resource
 
     import rclpy
@@ -133,8 +135,12 @@ def divergence_main(argv: list[str]) -> int:
 
 
 def explain_divergences(res: dict, model_dir: str) -> None:
-    """For every ring scenario whose greedy text differs: the diverging token and its margin."""
+    """For every float ring scenario whose greedy text differs: the diverging token and its margin
+    (a quantized ring is judged by `mdi-llm eval`, not by the greedy text).
+    """
     for ring in res["rings"]:
+        if ring.get("variant") in ("int4", "int8"):
+            continue
         for s in ring["scenarios"]:
             if s.get("diverged"):
                 out = subprocess.run([sys.executable, "-m", "mdi_llm_ros.tools.bench", "--divergence", model_dir,

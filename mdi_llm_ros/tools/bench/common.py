@@ -34,7 +34,8 @@ def percentile(values: list[float], q: float) -> float:
 
 def child_json(args: list[str], what: str, timeout: float = 1800) -> dict:
     """Run `python -m mdi_llm_ros.tools.bench ARGS` (a measurement in a process of its own, so its
-    peak memory is its own) and return the JSON line it prints last."""
+    peak memory is its own) and return the JSON line it prints last.
+    """
     r = subprocess.run([sys.executable, "-m", "mdi_llm_ros.tools.bench", *args], capture_output=True, text=True,
                        timeout=timeout)
     if r.returncode != 0:
@@ -54,7 +55,8 @@ def variant_of(ring: dict) -> str:
 def ring_label(ring: dict) -> str:
     variant = variant_of(ring)
     return (f"ring K={ring['k']}" + ("" if variant == "exact" else f" {variant}")
-            + (" + key" if ring.get("secret") else "") + (f" ({ring['model_label']})" if ring.get("model_label") else ""))
+            + (" + key" if ring.get("secret") else "")
+            + (f" ({ring['model_label']})" if ring.get("model_label") else ""))
 
 
 def label(s: dict) -> str:

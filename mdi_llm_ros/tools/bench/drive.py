@@ -1,5 +1,6 @@
 """The clients' side of a scenario: a child process that sends N concurrent requests to a running
-ring (on a client device of its own with --netlab) and prints what it measured as one JSON line."""
+ring (on a client device of its own with --netlab) and prints what it measured as one JSON line.
+"""
 from __future__ import annotations
 
 import json
@@ -21,7 +22,8 @@ def handshake(word: str) -> None:
 def drive_main(argv: list[str]) -> int:
     """Child: python -m mdi_llm_ros.tools.bench --drive SPEC.json. One scenario: N concurrent
     requests against a running ring, as a separate process so that it can run on a
-    client device (a network namespace) of its own. Prints one JSON line."""
+    client device (a network namespace) of its own. Prints one JSON line.
+    """
     from ...client import GenerateClient
     from ...core.config import load_config
     from ...session import ros_session
@@ -87,7 +89,8 @@ def drive_main(argv: list[str]) -> int:
 def drive_long(spec: dict) -> int:
     """Child: the long prompt against a running ring. Its time to first token alone (median of
     3), then once more while a short request streams: how long that request's tokens stall
-    while the long prompt is prefilled (its longest gap between two tokens). Prints one JSON line."""
+    while the long prompt is prefilled (its longest gap between two tokens). Prints one JSON line.
+    """
     from ...client import GenerateClient, StreamPiece
     from ...core.config import load_config
     from ...session import ros_session

@@ -1,6 +1,7 @@
 """The peer a user would pick instead, measured in the same run on the same GGUF file: llama.cpp in
 one process, and split over its RPC servers (one per device, one thread each), built from the
-llama-cpp-python source package by `make peers` (build_peers.sh, into the model cache)."""
+llama-cpp-python source package by `make peers` (build_peers.sh, into the model cache).
+"""
 from __future__ import annotations
 
 import contextlib
@@ -32,7 +33,8 @@ def peer_binaries(build: bool) -> Path:
     missing = [b for b in PEER_TOOLS if not (where / b).is_file()]
     if missing and build:
         log("building llama.cpp from the llama-cpp-python source package (once; several minutes)")
-        subprocess.run(["bash", str(BUILD_SCRIPT)], check=True, env={**os.environ, "PY": sys.executable, "MDI_LLM_CACHE": str(where.parents[1])})
+        subprocess.run(["bash", str(BUILD_SCRIPT)], check=True,
+                       env={**os.environ, "PY": sys.executable, "MDI_LLM_CACHE": str(where.parents[1])})
         missing = [b for b in PEER_TOOLS if not (where / b).is_file()]
     if missing:
         from ...core.errors import ConfigError
@@ -104,7 +106,8 @@ def batched(gguf: Path, ns: list[int], tokens: int, threads: int, rpc: list[str]
             watch: PeakWatch, name: str) -> dict[int, dict]:
     """llama-batched-bench: N parallel sequences of PROMPT_TOKENS + `tokens` each. Per N: tokens/s
     generated over the whole run (prompt processing included, as the ring's figure) and during
-    generation alone."""
+    generation alone.
+    """
     cmd = [str(peer_bin() / "llama-batched-bench"), "-m", str(gguf), "-c", str(max(ns) * (PROMPT_TOKENS + tokens) + 64),
            "-npp", str(PROMPT_TOKENS), "-ntg", str(tokens), "-npl", ",".join(map(str, ns)), "-t", str(threads),
            "--output-format", "jsonl"]

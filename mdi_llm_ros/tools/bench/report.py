@@ -97,7 +97,8 @@ def speed_markdown(res: dict) -> list[str]:
 
 def memory_split(ring: dict, name: str, floor: float) -> tuple[float, float, float, float]:
     """A node's peak RSS as (weights, KV cache most held, runtime alone, rest), in bytes. The runtime
-    alone (`floor`) is a chunk process's, so a coordinator's and an unsplit ring's count as rest."""
+    alone (`floor`) is a chunk process's, so a coordinator's and an unsplit ring's count as rest.
+    """
     peak = ring["peak_rss"][name]
     weights = ring.get("weights", {}).get(name, 0)
     kv = ring.get("kv_cache_peak", {}).get(name, 0)
@@ -118,7 +119,8 @@ def memory_markdown(res: dict) -> list[str]:
     """Where each node's peak memory goes: weights (from the plan), the most KV cache its requests
     held at once (the node's own count), the runtime a chunk process has before loading anything
     (measured in this run), and the rest (kernels' working memory, messages, DDS traffic); llama.cpp's
-    processes beside them."""
+    processes beside them.
+    """
     floor = res.get("runtime_floor") or 0
     lines = ["", "| config | node | peak RSS MB | weights MB | × fp32 weights | KV cache (most held) | "
              "runtime alone | rest |", "|---|---|---|---|---|---|---|---|"]
@@ -146,7 +148,8 @@ def memory_markdown(res: dict) -> list[str]:
 
 def profile_markdown(res: dict) -> list[str]:
     """Where one token's time goes at N=1: each node's compute (its busy share of the run times the
-    per-token time) and the rest, which is the hops between nodes (messages, DDS, executors)."""
+    per-token time) and the rest, which is the hops between nodes (messages, DDS, executors).
+    """
     rows = [s for r in res["rings"] if r.get("network", "localhost") == "localhost"
             for s in r["scenarios"] if s["n"] == 1 and s.get("per_token_ms") and s.get("busy_share")]
     if not rows:
@@ -196,8 +199,9 @@ def synthetic_markdown(res: dict) -> list[str]:
                          f"{_ratio(row['tokens_per_s'], one.get(n))} | 1.00 | |")
     for ring in syn["rings"]:
         for s in ring["scenarios"]:
-            lines.append(f"| {label(s)} | {s['n']} | {s['tokens_per_s']:.1f} | {_ratio(s['tokens_per_s'], one.get(s['n']))}"
-                         f" | {_ratio(s['tokens_per_s'], rpc.get(s['k'], {}).get(s['n']))} | "
+            tps = s["tokens_per_s"]
+            lines.append(f"| {label(s)} | {s['n']} | {tps:.1f} | {_ratio(tps, one.get(s['n']))}"
+                         f" | {_ratio(tps, rpc.get(s['k'], {}).get(s['n']))} | "
                          f"{s['per_token_ms'] or 0:.1f} |")
     lines += ["", "| config | node | peak RSS MB | weights MB | peak − weights MB |", "|---|---|---|---|---|"]
     peers = syn.get("peers") or {}

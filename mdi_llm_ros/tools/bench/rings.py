@@ -15,7 +15,8 @@ from .common import LONG_TOKENS, VARIANTS, label, log
 
 def drive(spec: dict, workdir: Path, prefix: tuple[str, ...] = (), on_mark=None) -> dict:
     """Run one scenario in a driver process; on_mark("READY"/"DONE") is called at the
-    start and end of the timed part (to read link counters around exactly that)."""
+    start and end of the timed part (to read link counters around exactly that).
+    """
     path = workdir / f"drive_{spec['tag']}_n{spec['n']}.json"
     path.write_text(json.dumps(spec))
     err_path = workdir / f"drive_{spec['tag']}_n{spec['n']}.log"
@@ -48,7 +49,8 @@ def ring_config(model: str, k: int, max_n: int, lab=None, variant: str = "exact"
                 secret_file: str | None = None) -> dict:
     """The bench's cluster config: K chunk nodes running `variant` (common.VARIANTS); on a lab,
     coordinator + chunk_0 on robot_0 and chunk_i on robot_i, with discovery over the lab's subnet
-    and UDP only (no shared memory)."""
+    and UDP only (no shared memory).
+    """
     kernels, quantization = VARIANTS[variant]
     cfg: dict = {"model": {"name": model, "dtype": "float32", "max_context": 2048, "kernels": kernels,
                            "quantization": quantization},
@@ -139,7 +141,8 @@ def ring_weights(cfg_path: Path) -> dict[str, int]:
 
 def run_long_prompt(model: str, k: int, piece: int, *, workdir: Path, reference: str) -> dict:
     """Start a ring of K chunk nodes (exact kernels) that prefills in pieces of `piece` tokens
-    (0: whole prompts) and drive the long-prompt scenario against it."""
+    (0: whole prompts) and drive the long-prompt scenario against it.
+    """
     from ...launcher import Cluster, node_specs
 
     name = f"long_k{k}_p{piece}"
