@@ -35,7 +35,7 @@ peers: setup
 	@PY=$(PY) bash mdi_llm_ros/tools/bench/build_peers.sh
 
 bench: peers
-	@$(MDI) bench --peers --synthetic --secret
+	@$(MDI) bench --peers --synthetic --secret --priority
 
 clean:
 	rm -rf build install log .pytest_cache

@@ -167,7 +167,8 @@ def cmd_bench(args) -> int:
                     kernels=args.kernels.split(",") if args.kernels else None,
                     quantization=([q for q in args.quantization.split(",") if q] if args.quantization is not None
                                   else None),
-                    long_prompt=args.long_prompt, peers=args.peers, synthetic=args.synthetic, secret=args.secret)
+                    long_prompt=args.long_prompt, peers=args.peers, synthetic=args.synthetic, secret=args.secret,
+                    priority=args.priority)
     ok = all(s["ok"] for ring in res["rings"] for s in ring["scenarios"])
     return 0 if ok else 1
 
@@ -283,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--secret", action="store_true",
                    help="also run the largest ring at the largest N with cluster.secret_file (the cost of the "
                         "authenticated mode)")
+    p.add_argument("--priority", action="store_true",
+                   help="also time a priority request on an idle ring and under 16 greedy streams (K=2)")
     p.add_argument("--long-prompt", action=argparse.BooleanOptionalAction, default=None,
                    help="time to first token of a ~1500-token prompt, whole prefill against pieces "
                         "(default: on in the full run, off with --quick or --netlab)")

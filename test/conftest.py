@@ -156,8 +156,9 @@ def start_cluster(env: dict, cfg: Path, log: Path, *args: str, node=None, timeou
     says the ring is complete. The process remembers its config (`.config`)."""
     proc = Proc([sys.executable, "-m", "mdi_llm_ros.cli", "cluster", "--config", str(cfg), *args], env, log)
     proc.config = cfg
-    if node is not None:
-        assert wait_ring_ready(node, timeout), proc.output()
+    if node is not None and not wait_ring_ready(node, timeout):
+        proc.stop()                      # never leave a cluster behind a failed test
+        raise AssertionError(proc.output())
     return proc
 
 

@@ -53,10 +53,16 @@ def test_node_specs_follow_the_plan(tmp_path, tiny_dir):
     assert [(s.name, s.executable, s.host) for s in all_specs] == [
         ("coordinator", "coordinator_node", "r2"), ("a", "chunk_node", "r1"), ("b", "chunk_node", "r2")]
     assert all(s.parameters["config_file"] == str(cfg.resolve()) for s in all_specs)
-    assert [s.parameters.get("node_name") for s in all_specs] == [None, "a", "b"]
+    assert [s.parameters.get("node_name") for s in all_specs] == ["coordinator", "a", "b"]
     assert [s.name for s in node_specs(cfg, "r1")] == ["a"]
     cmd = all_specs[1].command("py")
     assert cmd[:3] == ["py", "-m", "mdi_llm_ros.nodes.chunk_node"] and "node_name:=a" in cmd
+    assert "autostart:=false" in node_specs(cfg, autostart=False)[1].command("py")
+    # standbys: a spare chunk node and a standby coordinator per standby host, on their hosts
+    spares = write_config(tmp_path / "s.yaml", tiny_dir, [{"name": "a"}, {"name": "s", "standby": True, "host": "r3"}],
+                          coordinator={"standby_hosts": ["r3"]})
+    assert [(s.name, s.executable, s.host) for s in node_specs(spares, "r3")] == [
+        ("s", "chunk_node", "r3"), ("coordinator_r3", "coordinator_node", "r3")]
     # every node on every device gets the config's discovery settings (the launch file passes
     # them as additional_env; the pip launcher merges them into each child's environment)
     assert all(s.env == {"ROS_DOMAIN_ID": "12", "ROS_STATIC_PEERS": "10.1.0.1;10.1.0.2",

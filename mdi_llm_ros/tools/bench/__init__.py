@@ -24,14 +24,14 @@ from .common import LONG_PIECES, LONG_TOKENS, PROMPTS, log
 from .peers import measure as measure_peers
 from .peers import peer_binaries
 from .report import markdown, plot
-from .rings import run_long_prompt, run_ring
+from .rings import run_long_prompt, run_priority, run_ring
 
 
 def run_bench(*, quick: bool, pin: bool, threads: int | None, model: str, out_dir: Path,
               ks: list[int] | None = None, ns: list[int] | None = None, tokens: int | None = None,
               netlab: bool = False, rate: str = "20mbit", kernels: list[str] | None = None,
               quantization: list[str] | None = None, long_prompt: bool | None = None, peers: bool = False,
-              synthetic: bool = False, secret: bool = False) -> dict:
+              synthetic: bool = False, secret: bool = False, priority: bool = False) -> dict:
     from ...core.errors import ConfigError
     from ...core.formats import KERNELS, QUANTIZATIONS
     from ...core.models import model_file, reference_dir
@@ -100,6 +100,9 @@ def run_bench(*, quick: bool, pin: bool, threads: int | None, model: str, out_di
         res["long_prompt"] = {"baseline": base, "rings": [
             run_long_prompt(model, k, piece, workdir=logs, reference=base["text"])
             for k in ([k for k in ks if k > 1] or [2]) for piece in LONG_PIECES]}
+    if priority:
+        log("a priority request on an idle ring, then with 16 greedy streams saturating it (K=2)")
+        res["priority"] = run_priority(model, 2, workdir=logs, variant=quantization[0] if quantization else "exact")
     if synthetic:
         res["synthetic"] = run_synthetic([k for k in ks if k > 1] or [2, 3], tokens, logs, peers, pin, threads)
     explain_divergences(res, model_dir)

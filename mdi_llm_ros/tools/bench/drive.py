@@ -32,6 +32,8 @@ def drive_main(argv: list[str]) -> int:
     spec = json.loads(Path(argv[0]).read_text())
     if spec.get("scenario") == "long":
         return drive_long(spec)
+    if spec.get("scenario") == "priority":
+        return drive_priority(spec)
     cfg = load_config(spec["config"])
     n, tokens, references = spec["n"], spec["tokens"], spec["references"]
     with ros_session(f"mdi_bench_driver_{os.getpid()}", cfg) as node:
@@ -128,4 +130,56 @@ def drive_long(spec: dict) -> int:
                       "ttft_loaded_s": loaded.time_to_first_token if loaded.success else None,
                       "short_gap_max_ms": 1000 * max(gaps, default=0.0),
                       "short_gap_median_ms": 1000 * percentile(gaps, 0.5)}))
+    return 0
+
+
+PRIORITY_PROMPT = "Obstacle ahead. Should the robot stop or go around?"
+
+
+def drive_priority(spec: dict) -> int:
+    """Child: a priority request (priority 5), `repeats` times on an idle ring, then `repeats` times
+    while `background` greedy streams keep the ring saturated; its time to first token and its
+    tokens/s in both cases. Prints one JSON line.
+    """
+    from ...client import GenerateClient
+    from ...core.config import load_config
+    from ...session import ros_session
+
+    cfg = load_config(spec["config"])
+    with ros_session(f"mdi_bench_priority_{os.getpid()}", cfg) as node:
+        urgent = GenerateClient(node, cfg.namespace, cfg.key())
+        background = [GenerateClient(node, cfg.namespace, cfg.key()) for _ in range(spec["background"])]
+        if not urgent.wait_for_service(120) or not urgent.wait_until_ready(120).success:
+            raise RuntimeError("the ring is not ready after 120 s")
+        for c in background:
+            c.wait_for_service(30)
+            c.settle()
+
+        def ask() -> tuple[float, float]:
+            r = urgent.generate(PRIORITY_PROMPT, max_new_tokens=spec["tokens"], priority=5, timeout_s=300)
+            if not r.success:
+                raise RuntimeError(f"priority request failed: {r.error_code}: {r.error_message}")
+            return r.time_to_first_token, r.tokens_per_second
+
+        idle = [ask() for _ in range(spec["repeats"])]
+        stop = threading.Event()
+
+        def load(i: int) -> None:
+            while not stop.is_set():
+                background[i].generate(PROMPTS[i % len(PROMPTS)], max_new_tokens=64, timeout_s=300)
+
+        workers = [threading.Thread(target=load, args=(i,), daemon=True) for i in range(len(background))]
+        for w in workers:
+            w.start()
+        time.sleep(3.0)                       # the ring is saturated
+        loaded = []
+        for _ in range(spec["repeats"]):
+            loaded.append(ask())
+            time.sleep(0.5)
+        stop.set()
+        for w in workers:
+            w.join(300)
+    print(json.dumps({"idle_ttft": [t for t, _ in idle], "idle_tps": [v for _, v in idle],
+                      "loaded_ttft": [t for t, _ in loaded], "loaded_tps": [v for _, v in loaded],
+                      "background": spec["background"]}))
     return 0

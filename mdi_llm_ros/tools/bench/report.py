@@ -245,6 +245,31 @@ def secret_pairs(res: dict) -> list[tuple[dict, dict]]:
     return out
 
 
+def priority_figures(pr: dict) -> dict:
+    """TTFT p95 and median tokens/s of the priority request, idle and loaded, and their ratios."""
+    from statistics import median
+
+    from .common import percentile
+    idle_ttft, loaded_ttft = percentile(pr["idle_ttft"], 0.95), percentile(pr["loaded_ttft"], 0.95)
+    idle_tps, loaded_tps = median(pr["idle_tps"]), median(pr["loaded_tps"])
+    return {"idle_ttft": idle_ttft, "loaded_ttft": loaded_ttft, "ttft_ratio": loaded_ttft / idle_ttft,
+            "idle_tps": idle_tps, "loaded_tps": loaded_tps, "tps_ratio": loaded_tps / idle_tps}
+
+
+def priority_markdown(res: dict) -> list[str]:
+    pr = res.get("priority")
+    if not pr:
+        return []
+    f = priority_figures(pr)
+    return ["", f"A priority request (priority 5, {pr['tokens']} tokens) on ring K={pr['k']} {pr['variant']}, "
+            f"{len(pr['idle_ttft'])} times on the idle ring and {len(pr['loaded_ttft'])} times while "
+            f"{pr['background']} greedy streams saturate it:", "",
+            "| | TTFT p95 s | tokens/s (median) |", "|---|---|---|",
+            f"| idle ring | {f['idle_ttft']:.3f} | {f['idle_tps']:.1f} |",
+            f"| {pr['background']} streams | {f['loaded_ttft']:.3f} | {f['loaded_tps']:.1f} |",
+            f"| loaded / idle | {f['ttft_ratio']:.2f} | {f['tps_ratio']:.2f} |"]
+
+
 def netlab_markdown(res: dict) -> list[str]:
     lab = [s for ring in res["rings"] for s in ring["scenarios"] if s.get("network", "localhost") != "localhost"]
     if not lab:
@@ -267,7 +292,8 @@ def markdown(res: dict) -> str:
             f"pin={res['pin']}, threads/node={res['threads'] or 'auto'}. Rings: `exact`/`packed` serve float32 "
             "weights (`quantization: none`), `int4`/`int8` the quantized ones.")
     lines = [head, ""] + speed_markdown(res) + memory_markdown(res) + profile_markdown(res)
-    lines += quality_markdown(res) + secret_markdown(res) + synthetic_markdown(res) + netlab_markdown(res)
+    lines += quality_markdown(res) + secret_markdown(res) + priority_markdown(res) + synthetic_markdown(res)
+    lines += netlab_markdown(res)
     if res.get("long_prompt"):
         lines += long_prompt_markdown(res["long_prompt"])
     lines += target_lines(res)
@@ -349,6 +375,11 @@ def target_lines(res: dict) -> list[str]:
     for keyed, plain in secret_pairs(res):
         cost = 1 - keyed["tokens_per_s"] / plain["tokens_per_s"]
         out.append(f"* the key's cost at {label(keyed)}, N={keyed['n']} ≤ 3%: {cost:+.1%} {judge(cost <= 0.03)}")
+    if res.get("priority"):
+        f = priority_figures(res["priority"])
+        out.append(f"* priority request under 16 streams: TTFT p95 ≤ 1.5× idle: {f['ttft_ratio']:.2f}× "
+                   f"{judge(f['ttft_ratio'] <= 1.5)}; tokens/s ≥ 0.8× idle: {f['tps_ratio']:.2f}× "
+                   f"{judge(f['tps_ratio'] >= 0.8)}")
     same = [s["greedy_identical"] for r in res["rings"] for s in r["scenarios"]
             if variant_of(r) not in QUANTIZED and not r.get("model_label")]
     if same:
@@ -367,13 +398,19 @@ def plot(res: dict, path: Path) -> None:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "--o", color="grey" if mode == "batched" else "silver",
                 label=f"transformers {mode}")
     one, rpc = peer_rows(res)
+    local = [r for r in res["rings"] if not r.get("model_label") and not r.get("secret")
+             and r.get("network", "localhost") == "localhost"]
+    # one ring size on the speed plot (K=2 where measured), every variant of it, beside its peers
+    shown_k = 2 if any(r["k"] == 2 for r in local) else max((r["k"] for r in local), default=0)
     if one:
         ax.plot(sorted(one), [one[n]["tokens_per_s"] for n in sorted(one)], ":^", color="black",
                 label="llama.cpp, 1 process")
-    for k, rows in sorted(rpc.items()):
-        ax.plot(sorted(rows), [rows[n]["tokens_per_s"] for n in sorted(rows)], ":v", label=f"llama.cpp, {k} RPC")
-    for ring in res["rings"]:
-        if ring.get("model_label") or ring.get("secret"):
+    if shown_k in rpc:
+        rows = rpc[shown_k]
+        ax.plot(sorted(rows), [rows[n]["tokens_per_s"] for n in sorted(rows)], ":v", color="dimgrey",
+                label=f"llama.cpp, {shown_k} RPC servers")
+    for ring in local:
+        if ring["k"] != shown_k and len(local) > 4:
             continue
         for name in dict.fromkeys(label(s) for s in ring["scenarios"]):
             pts = [(s["n"], s["tokens_per_s"]) for s in ring["scenarios"] if label(s) == name]
@@ -394,9 +431,10 @@ def plot(res: dict, path: Path) -> None:
     if peers.get("one_process_peak_rss"):
         labels.append("llama.cpp")
         stacks.append((0, 0, 0, peers["one_process_peak_rss"] / 1e6))
-    if rpc:
-        k = max(rpc)
-        for name, peak in rpc[k].get("peak_rss", {}).items():
+    rpc_raw = {int(k): v for k, v in (peers.get("rpc") or {}).items()}
+    if rpc_raw:
+        k = max(rpc_raw)
+        for name, peak in rpc_raw[k].get("peak_rss", {}).items():
             labels.append(f"llama.cpp RPC{k} {name.replace('rpc-server', 'srv').replace('llama.cpp main', 'main')}")
             stacks.append((0, 0, 0, peak / 1e6))
     floor = res.get("runtime_floor") or 0

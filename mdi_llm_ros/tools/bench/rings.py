@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from ...core.plan import load_plan
-from .common import LONG_TOKENS, VARIANTS, label, log
+from .common import LONG_TOKENS, VARIANTS, label, log, percentile
 
 
 def drive(spec: dict, workdir: Path, prefix: tuple[str, ...] = (), on_mark=None) -> dict:
@@ -163,4 +163,31 @@ def run_long_prompt(model: str, k: int, piece: int, *, workdir: Path, reference:
     log(f"long prompt, ring K={k}, {'pieces of ' + str(piece) if piece else 'whole prefill'}: "
         f"TTFT {s['ttft_s']:.2f} s, a decoding request's longest token gap {s['short_gap_max_ms']:.0f} ms, "
         f"identical={s['greedy_identical']}")
+    return s
+
+
+def run_priority(model: str, k: int, *, workdir: Path, variant: str = "exact", background: int = 16,
+                 repeats: int = 8, tokens: int = 32) -> dict:
+    """A ring of K chunk nodes saturated by `background` greedy streams: a priority request's time to
+    first token and tokens/s against the same request on the idle ring.
+    """
+    from ...launcher import Cluster, node_specs
+
+    name = f"priority_k{k}_{variant}"
+    cfg = ring_config(model, k, background, variant=variant)
+    cfg["coordinator"]["queue_limit"] = background
+    cfg_path = workdir / f"{name}.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    node_log = open(workdir / f"{name}.log", "w")
+    cluster = Cluster(node_specs(cfg_path), out=node_log)
+    cluster.start()
+    try:
+        s = drive({"scenario": "priority", "config": str(cfg_path), "background": background, "repeats": repeats,
+                   "tokens": tokens, "tag": name, "n": background}, workdir)
+    finally:
+        cluster.stop()
+        node_log.close()
+    s.update(k=k, variant=variant, tokens=tokens)
+    log(f"priority request, ring K={k} {variant}: TTFT p95 {percentile(s['idle_ttft'], 0.95):.3f} s idle, "
+        f"{percentile(s['loaded_ttft'], 0.95):.3f} s under {background} streams")
     return s
