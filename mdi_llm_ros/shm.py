@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import time
 
 _HELD: list[int] = []        # lock file descriptors of dead ports, held for the life of the process
 
@@ -82,25 +83,35 @@ def clean_fastdds_segments(before: set[str]) -> list[str]:
     return removed
 
 
-def hold_dead_ports() -> list[str]:
+def hold_dead_ports(min_age_s: float = 5.0) -> list[str]:
     """Take and keep the lock of every dead Fast DDS unicast port on this machine (see the module
     docstring), and remove the dead data segments nobody maps; returns the ports held. Call
     before the process's first DDS participant exists.
 
     A port is dead when nobody holds its exclusive lock: Fast DDS's own zombie test (a live
-    writer may still map the dead segment, so mapping says nothing).
+    writer may still map the dead segment, so mapping says nothing). A lock file younger than
+    `min_age_s` is left alone: its port may be opening in a process started at the same time,
+    which creates the file a moment before it takes the lock.
     """
     held = []
     try:
         names = sorted(os.listdir("/dev/shm"))
     except FileNotFoundError:
         return held
+    now = time.time()
     for name in names:
         if not (name.startswith("fastdds_port") and name.endswith("_el")):
             continue
         try:
             fd = os.open(f"/dev/shm/{name}", os.O_RDWR)
         except OSError:
+            continue
+        try:
+            young = now - os.fstat(fd).st_mtime < min_age_s
+        except OSError:
+            young = True
+        if young:
+            os.close(fd)
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

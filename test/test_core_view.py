@@ -177,3 +177,21 @@ def test_a_resumed_request_continues_as_an_undisturbed_one(tiny_dir, sampling):
     assert resumed.token_ids == full.token_ids and resumed.text == full.text
     assert pieces == full.token_ids[9:len(pieces) + 9] and len(pieces) >= 10   # every new token, once
     assert resumed.time_to_first_token >= 0
+
+
+def test_a_chunk_serves_until_the_coordinator_names_another_process(tiny_dir):
+    """The coordinator's heartbeat lists every member of its view, with 0 for a member it has
+    not heard yet: that is no verdict, and the chunk keeps serving; another process named is."""
+    from mdi_llm_ros.core.chunk import ChunkExecutor
+    from mdi_llm_ros.core.chunk_handler import ChunkHandler
+    info = load_model_info(tiny_dir)
+    h = ChunkHandler(ChunkExecutor(info, 0, 2), cluster="c", hop=0, name="a", instance=111)
+    beat = dict(inflight_ids=[], next_request_id=1, members=["a", "b"], view=0, layer_starts=[0, 2],
+                layer_ends=[2, 4])
+    h.on_coordinator(7, instances=[0, 0], **beat)
+    news = h.on_coordinator(7, instances=[0, 0], **beat)
+    assert h.serving and news.serving is None
+    news = h.on_coordinator(7, instances=[222, 0], **beat)
+    assert not h.serving and news.serving is False
+    news = h.on_coordinator(7, instances=[111, 0], **beat)
+    assert h.serving and news.serving is True

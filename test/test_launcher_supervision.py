@@ -134,3 +134,39 @@ def test_shm_cleanup_keeps_the_mutex_of_a_port_another_process_still_holds():
         view.close()
     assert sorted(clean_fastdds_segments(before)) == sorted([port, f"sem.{port}_mutex", f"{port}_el"])
     assert not {port, f"sem.{port}_mutex", f"{port}_el"} & fastdds_segments()
+
+
+def test_dead_ports_are_held_but_never_a_port_that_is_opening_or_alive(tmp_path):
+    """A node takes the lock of each dead port before it joins DDS, so no participant reopens a
+    dead port (the deaf respawn); a port whose lock file is fresh may be opening in a process
+    started beside it, and a live port is locked by its owner: both are left alone."""
+    import subprocess
+
+    from mdi_llm_ros import shm
+    tag = f"fastdds_port9{os.getpid()}"
+    dead, opening, alive = (f"/dev/shm/{tag}{i}_el" for i in range(3))
+    for path in (dead, opening, alive):
+        open(path, "wb").close()
+    old = time.time() - 60
+    os.utime(dead, (old, old))
+    os.utime(alive, (old, old))
+    owner = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time\n"
+        f"fd = os.open({alive!r}, os.O_RDWR); fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "print('locked', flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout.readline().strip() == "locked"
+        held = [p for p in shm.hold_dead_ports() if p.startswith(tag)]
+        assert held == [f"{tag}0"], held
+        probe = subprocess.run([sys.executable, "-c", (
+            "import fcntl, os\n"
+            f"fd = os.open({dead!r}, os.O_RDWR)\n"
+            "try:\n    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB); print('free')\n"
+            "except OSError:\n    print('taken')")], capture_output=True, text=True, timeout=30)
+        assert probe.stdout.strip() == "taken"                 # what Fast DDS in another process sees
+        shm.release_held_ports()
+    finally:
+        owner.kill()
+        owner.wait()
+        for path in (dead, opening, alive):
+            os.unlink(path)

@@ -156,8 +156,9 @@ class ChunkHandler:
         if epoch != self.epoch:
             return news
         news.evicted = len(self.executor.note_coordinator(inflight_ids, next_request_id))
-        if self.name in members:
-            serving = instances[members.index(self.name)] == self.instance
+        owner = instances[members.index(self.name)] if self.name in members else 0
+        if owner:                          # 0: the coordinator has not heard any process of this name yet
+            serving = owner == self.instance
             if serving != self.serving:
                 self.serving = news.serving = serving
         if len(layer_starts) == len(members) == len(layer_ends) and view not in (self.view, self._moving_to):
