@@ -85,8 +85,9 @@ def clean_fastdds_segments(before: set[str]) -> list[str]:
 
 def hold_dead_ports(min_age_s: float = 5.0) -> list[str]:
     """Take and keep the lock of every dead Fast DDS unicast port on this machine (see the module
-    docstring), and remove the dead data segments nobody maps; returns the ports held. Call
-    before the process's first DDS participant exists.
+    docstring); returns the ports held. Call before the process's first DDS participant exists.
+    Data segments are left alone: one that nobody maps yet may belong to a participant being
+    made beside us this moment, and removing it leaves that participant's readers deaf to it.
 
     A port is dead when nobody holds its exclusive lock: Fast DDS's own zombie test (a live
     writer may still map the dead segment, so mapping says nothing). A lock file younger than
@@ -120,12 +121,6 @@ def hold_dead_ports(min_age_s: float = 5.0) -> list[str]:
             continue
         _HELD.append(fd)
         held.append(shm_family(name))
-    for name in stale_fastdds_segments(set()):
-        if not shm_family(name).startswith("fastdds_port"):
-            try:
-                os.unlink(f"/dev/shm/{name}")
-            except OSError:
-                pass
     return held
 
 

@@ -315,9 +315,10 @@ class ChunkNode(LifecycleNode):
         """
         if self._ready:
             return True
-        if self.pub is None or self.ring is None:
+        pub, ring = self.pub, self.ring       # the view loader's thread may leave the ring meanwhile
+        if pub is None or ring is None:
             return False
-        matched = self.pub.get_subscription_count() > 0 and self.ring.subscription.get_publisher_count() > 0
+        matched = pub.get_subscription_count() > 0 and ring.subscription.get_publisher_count() > 0
         now = time.monotonic()
         if not matched:
             self._links_up_since = None
@@ -351,13 +352,13 @@ class ChunkNode(LifecycleNode):
                 standby=n.standby))
             return
         self.warn_if_coordinator_silent()
-        ex = handler.executor
+        ex, ring = handler.executor, self.ring
         active = lifecycle_state(self) == "active"
         self.auth.publish(self.status_pub, make_status(
             self, name=n.name, cluster=self.cluster, role="chunk", host=n.host, device=n.device,
             layers=handler.layers, epoch=handler.epoch,
             ready=active and not self.leaving and handler.serving and not handler.moving and self.ring_links_up(),
-            cached=ex.num_cached, queue=self.ring.depth if self.ring else 0, tokens=ex.stats.tokens_processed,
+            cached=ex.num_cached, queue=ring.depth if ring else 0, tokens=ex.stats.tokens_processed,
             drops=dict(ex.stats.drops), bytes_received=ex.stats.bytes_received,
             busy_seconds=ex.stats.busy_seconds, kv_cache=(ex.kv_cache_bytes, ex.kv_cache_peak_bytes),
             view=handler.view, leaving=self.leaving or not active, standby=handler.layers == (0, 0)))
@@ -377,17 +378,18 @@ class ChunkNode(LifecycleNode):
         drops = dict(ex.stats.drops) if ex else {}
         self._diag_last = (now, tokens, sum(drops.values()))
         missing = []
-        if handler is not None and self.pub is not None and self.ring is not None:
-            if self.pub.get_subscription_count() == 0:
+        pub, ring = self.pub, self.ring
+        if handler is not None and pub is not None and ring is not None:
+            if pub.get_subscription_count() == 0:
                 missing.append(f"next hop {hop_topic(self.cluster, handler.hop + 1)}")
-            if self.ring.subscription.get_publisher_count() == 0:
+            if ring.subscription.get_publisher_count() == 0:
                 missing.append(f"previous hop {hop_topic(self.cluster, handler.hop)}")
         health = chunk_health(
             state=lifecycle_state(self), view=handler.view if handler else 0,
             layers=handler.layers if handler else (0, 0), on_ring=bool(handler and handler.layers != (0, 0)),
             device=n.device, weights=self._weights_text(), rss=rss_bytes(),
             weight_bytes=ex.parameter_bytes if ex else 0, kv_bytes=ex.kv_cache_bytes if ex else 0,
-            queue=self.ring.depth if self.ring else 0, cached=ex.num_cached if ex else 0,
+            queue=ring.depth if ring else 0, cached=ex.num_cached if ex else 0,
             tokens_per_s=rate(tokens, tokens_then, now - then), drops=drops,
             new_drops=sum(drops.values()) - drops_then, missing_neighbours=missing,
             coordinator_silent_s=now - self._coordinator_heard_at if handler else 0.0,
