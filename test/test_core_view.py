@@ -55,12 +55,15 @@ def test_view_keeper_replans_on_loss_and_returns_when_the_node_is_back(tiny_dir)
     clock = Clock()
     keeper = ViewKeeper(make_plan(config(tiny_dir), info), info, alive_s=3.0, clock=clock)
     assert keeper.check().view is None                    # nobody heard yet: starting, not lost
+    assert not keeper.takeover_expected(["c0", "c1", "c2"])
     for name in ("c0", "c1", "c2"):
         keeper.heard(name)
     clock.t += 4.0
     keeper.heard("c0")
     keeper.heard("c2")
     assert keeper.check().view is None                    # c1 silent 4 s < takeover_after_s 5 s
+    assert keeper.takeover_expected(["c1"])               # its requests wait for the takeover
+    assert not keeper.takeover_expected(["c0", "c2"])     # beating but not ready: no loss, NOT_READY
     clock.t += 2.0
     keeper.heard("c0")
     keeper.heard("c2")

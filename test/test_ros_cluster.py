@@ -136,18 +136,26 @@ def test_cluster_host_starts_only_its_nodes(ros_env, ros_node, tmp_path, tiny_di
     assert bad.returncode == 2 and "host 'robot_z' runs no node" in bad.stderr
 
 
-@pytest.mark.parametrize("respawn", [False, True])
-def test_launcher_handles_a_dead_chunk_node(ros_env, ros_node, tmp_path, tiny_dir, respawn):
+@pytest.mark.parametrize("mode", ["stop", "respawn", "takeover"])
+def test_launcher_handles_a_dead_chunk_node(ros_env, ros_node, tmp_path, tiny_dir, mode):
+    """A chunk node killed under `mdi-llm cluster`: with takeover off the launcher stops the
+    others and says so; with `--respawn` a new process serves as b; with takeover on (the
+    default) the launcher goes on and a serves the whole model."""
     import os
     import signal
+
+    from test_reliability import reference
+
+    from mdi_llm_ros.client import GenerateClient
     cfg = write_config(tmp_path / "c.yaml", tiny_dir, [{"name": "a"}, {"name": "b"}],
-                       coordinator={"heartbeat_timeout_s": 1.0})
+                       coordinator={"heartbeat_timeout_s": 1.0},
+                       cluster={"takeover_after_s": 2.0 if mode == "takeover" else 0.0})
     proc = Proc([sys.executable, "-m", "mdi_llm_ros.cli", "cluster", "--config", str(cfg),
-                 *(["--respawn"] if respawn else [])], ros_env, tmp_path / "cluster.log")
+                 *(["--respawn"] if mode == "respawn" else [])], ros_env, tmp_path / "cluster.log")
     assert wait_ring_ready(ros_node, 60), proc.output()
     b_pid = node_statuses(ros_node, expect=3)["b"].pid
     os.kill(b_pid, signal.SIGKILL)
-    if respawn:
+    if mode == "respawn":
         # the coordinator sees b go missing, then a new process serve as b: the ring is complete again
         gone = wait_for_status(ros_node, lambda st: "coordinator" in st and "b" in st["coordinator"].missing_nodes, 30)
         back = gone and wait_for_status(ros_node, lambda st: "coordinator" in st and st["coordinator"].ready
@@ -156,6 +164,14 @@ def test_launcher_handles_a_dead_chunk_node(ros_env, ros_node, tmp_path, tiny_di
             proc.stop()     # first, so the log also holds what the nodes say on the way out
             pytest.fail("the respawned b did not rejoin the ring in 60 s:\n" + proc.output())
         assert proc.stop() == 0, proc.output()[-2000:]
+    elif mode == "takeover":
+        alone = wait_for_status(ros_node, lambda st: "coordinator" in st and st["coordinator"].ready
+                                and list(st["coordinator"].members) == ["a"], 60)
+        assert alone is not None and proc.p.poll() is None, proc.output()
+        assert "b exited with code -9; the others take its layers over, the cluster goes on" in proc.output()
+        r = GenerateClient(ros_node).generate("The robot", max_new_tokens=12, timeout_s=60)
+        assert r.success and r.text == reference(tiny_dir, "The robot", 12), r
+        proc.stop()
     else:
         proc.p.wait(30)
         assert proc.p.returncode == 1                              # the launcher stops the others and says so

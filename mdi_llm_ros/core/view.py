@@ -87,6 +87,14 @@ class ViewKeeper:
             self.leaving.discard(name)
             self.last_heard[name] = self.clock()
 
+    def takeover_expected(self, missing: list[str]) -> bool:
+        """Whether one of the missing members is gone in a way a takeover will answer: heard once,
+        and now silent or leaving. A member that still beats but is not ready (its neighbour is
+        missing, say) or one never heard is no loss: new requests are refused NOT_READY then.
+        """
+        return self.enabled and self._no_fit is None and any(
+            m in self.last_heard and not self._alive(m, self.alive_s) for m in missing)
+
     def _alive(self, name: str, within: float) -> bool:
         return name not in self.leaving and self.clock() - self.last_heard.get(name, self._started - 1e9) <= within
 
@@ -106,6 +114,9 @@ class ViewKeeper:
         else:
             return out
         if tuple(survivors) == self._no_fit:
+            return out
+        if not survivors and all(m in self.leaving for m in self.view.members):
+            self._no_fit = ()                 # the whole team stops (a shutdown): nothing to take over
             return out
         try:
             plan = self.configured if survivors == configured else make_plan(self.config, self.info, survivors)

@@ -180,13 +180,13 @@ class ChunkNode(LifecycleNode):
             self.ring.retopic(self, inbound)
 
     def _leave_ring(self) -> None:
-        if self.ring is not None:
-            self.ring.stop()
-            self.destroy_subscription(self.ring.subscription)
-            self.ring = None
-        if self.pub is not None:
-            self.destroy_publisher(self.pub)
-            self.pub = None
+        ring, self.ring = self.ring, None         # taken first: a stop and a view change may race here
+        pub, self.pub = self.pub, None
+        if ring is not None:
+            ring.stop()
+            self.destroy_subscription(ring.subscription)
+        if pub is not None:
+            self.destroy_publisher(pub)
 
     def _idle(self) -> None:
         if self.handler is not None:

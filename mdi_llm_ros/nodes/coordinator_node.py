@@ -276,12 +276,16 @@ class CoordinatorNode(LifecycleNode):
             return
         if not self.serving:
             return
-        self.keeper.heard(s.name, leaving=s.leaving)
         with self._watch_lock:
-            if s.leaving:
+            owners = self.watch.liveness.owners
+            # only the process the ring serves speaks for its name: an impostor that leaves is no loss
+            if s.leaving and (s.name not in owners or owners[s.name].started_at_ns == s.started_at_ns):
                 self.watch.forget(s.name)
             lines = self.watch.heard(s.name, s.started_at_ns, s.pid, s.host, s.epoch, s.ready and not s.leaving,
                                      requests_in_flight=self.scheduler.inflight > 0, view=s.view)
+            accepted = s.name not in owners or owners[s.name].started_at_ns == s.started_at_ns
+        if accepted:
+            self.keeper.heard(s.name, leaving=s.leaving)
         self._log(lines)
 
     def check_failover(self) -> None:
@@ -338,8 +342,7 @@ class CoordinatorNode(LifecycleNode):
 
     def _takeover_pending(self) -> bool:
         """A member is missing that a takeover will replace (takeover on, and it was heard before)."""
-        return self.keeper.enabled and any(m in self.keeper.last_heard for m in self.watch.missing) \
-            and self.keeper._no_fit is None
+        return self.keeper.takeover_expected(list(self.watch.missing))
 
     def _enter_view(self, change) -> None:
         """A new view: the scheduler holds, the ring's last hop may move, the members are awaited."""
