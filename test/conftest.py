@@ -187,6 +187,21 @@ def write_config(path: Path, model: str, chunks: list[dict], **sections) -> Path
     return path
 
 
+_PROCS: list[Proc] = []        # every Proc started, so that a failed test leaves none running
+
+
+@pytest.fixture(autouse=True)
+def no_process_outlives_its_test():
+    """Stop what a test started and left running (an assertion failed before its own stop): a
+    leftover cluster would answer a later test that draws the same ROS_DOMAIN_ID."""
+    before = {id(p) for p in _PROCS}          # module-scoped clusters are up already and stay
+    yield
+    for proc in [p for p in _PROCS if id(p) not in before]:
+        if proc.p.poll() is None:
+            proc.stop()
+    _PROCS[:] = [p for p in _PROCS if p.p.poll() is None]
+
+
 class Proc:
     """A child process whose output is collected to a file; stopped with SIGINT, then SIGKILL."""
 
@@ -195,6 +210,7 @@ class Proc:
         self._f = open(log, "w")
         self.p = subprocess.Popen(cmd, env=env, stdout=self._f, stderr=subprocess.STDOUT, text=True,
                                   start_new_session=True)
+        _PROCS.append(self)
 
     def output(self) -> str:
         if not self._f.closed:

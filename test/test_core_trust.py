@@ -158,11 +158,14 @@ def test_liveness_keeps_the_first_process_of_a_name_and_reports_a_second():
     kept, newcomer = other.impostor
     assert (kept.pid, newcomer.pid) == (20, 30) and "robot_c" in newcomer.describe()
     assert live.members() == (["a", "b"], [111, 222])
+    assert live.speaks_for("b", 222) and not live.speaks_for("b", 333)   # an impostor's leaving is no loss
+    assert live.speaks_for("c", 444)                                       # nobody holds the name
     for _ in range(8):                                                   # the first process is gone
         now[0] += 0.5
         live.heard("a", 111, 10, "robot_a", 7, True)
         heard = live.heard("b", 333, 30, "robot_c", 7, True)
     assert heard.replaced is None and heard.counted and live.members() == (["a", "b"], [111, 333])
+    assert live.speaks_for("b", 333) and not live.speaks_for("b", 222)
     assert live.missing() == []
 
 

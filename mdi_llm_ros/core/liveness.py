@@ -135,6 +135,14 @@ class ChunkLiveness:
         out.counted = True
         return out
 
+    def speaks_for(self, name: str, started_at_ns: int) -> bool:
+        """Whether this process's heartbeat speaks for `name`: it is the accepted process, or none is,
+        or the accepted one has been silent past the timeout (gone). An impostor's does not.
+        """
+        owner = self.owners.get(name)
+        return owner is None or owner.started_at_ns == started_at_ns or \
+            self.clock() - owner.last_heard > self.timeout_s
+
     def members(self) -> tuple[list[str], list[int]]:
         """(names, accepted process of each): announced in the coordinator's heartbeat, so that a
         second process with a node's name knows to stay idle.

@@ -277,13 +277,12 @@ class CoordinatorNode(LifecycleNode):
         if not self.serving:
             return
         with self._watch_lock:
-            owners = self.watch.liveness.owners
             # only the process the ring serves speaks for its name: an impostor that leaves is no loss
-            if s.leaving and (s.name not in owners or owners[s.name].started_at_ns == s.started_at_ns):
+            accepted = self.watch.liveness.speaks_for(s.name, s.started_at_ns)
+            if s.leaving and accepted:
                 self.watch.forget(s.name)
             lines = self.watch.heard(s.name, s.started_at_ns, s.pid, s.host, s.epoch, s.ready and not s.leaving,
                                      requests_in_flight=self.scheduler.inflight > 0, view=s.view)
-            accepted = s.name not in owners or owners[s.name].started_at_ns == s.started_at_ns
         if accepted:
             self.keeper.heard(s.name, leaving=s.leaving)
         self._log(lines)
