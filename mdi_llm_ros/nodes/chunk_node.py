@@ -361,7 +361,7 @@ class ChunkNode(LifecycleNode):
             cached=ex.num_cached, queue=ring.depth if ring else 0, tokens=ex.stats.tokens_processed,
             drops=dict(ex.stats.drops), bytes_received=ex.stats.bytes_received,
             busy_seconds=ex.stats.busy_seconds, kv_cache=(ex.kv_cache_bytes, ex.kv_cache_peak_bytes),
-            view=handler.view, leaving=self.leaving or not active, standby=handler.layers == (0, 0)))
+            view=handler.view, leaving=self.leaving, standby=handler.layers == (0, 0)))
 
     def _weights_text(self) -> str:
         if self.plan.quantization != "none":
