@@ -32,7 +32,7 @@ from ..core.health import chunk_health, rate
 from ..core.liveness import EVENT_COORDINATOR_SILENT, EVENT_JOINED
 from ..core.plan import hop_topic, load_plan, status_topic
 from ..qos import RING_QOS, STATUS_QOS
-from .common import (PROCESS_STARTED_NS, NodeAuth, RingLoop, declare_plan_parameters, diagnostics_of,
+from .common import (PROCESS_STARTED_NS, NodeAuth, RingLoop, autostart, declare_plan_parameters, diagnostics_of,
                      from_batch_msgs, lifecycle_state, make_status, node_name_from_argv, rss_bytes, run_node,
                      set_threads, supervisor_event, to_batch_msg)
 
@@ -86,11 +86,7 @@ class ChunkNode(LifecycleNode):
         self.create_timer(self.cfg.heartbeat_period_s, self.publish_status)
         self.create_timer(DIAGNOSTICS_PERIOD_S, self.publish_diagnostics)
         self.create_timer(0.2, self.check_leaving)
-        if self.get_parameter("autostart").value:
-            self.trigger_configure()
-            if self.configure_error is not None:
-                raise self.configure_error
-            self.trigger_activate()
+        autostart(self)
 
     # --- lifecycle ------------------------------------------------------------------
     configure_error: BaseException | None = None

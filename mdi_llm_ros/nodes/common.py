@@ -333,3 +333,14 @@ def run_node(make_node, num_threads: int | Callable[[object], int] = 2, grace_s:
             node.destroy_node()
         rclpy.try_shutdown()
         faulthandler.cancel_dump_traceback_later()
+
+
+def autostart(node) -> None:
+    """Bring a lifecycle node to active now, unless its `autostart` parameter is false (then a
+    lifecycle manager drives it). A failed configure raises its error: the process exits saying why.
+    """
+    if node.get_parameter("autostart").value:
+        node.trigger_configure()
+        if node.configure_error is not None:
+            raise node.configure_error
+        node.trigger_activate()

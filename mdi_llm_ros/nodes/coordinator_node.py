@@ -44,7 +44,7 @@ from ..core.scheduler import RingScheduler
 from ..core.view import ViewKeeper
 from ..signing import RequestGate, seal
 from ..qos import RING_QOS, STATUS_QOS
-from .common import (NodeAuth, RingLoop, declare_plan_parameters, diagnostics_of, from_batch_msgs,
+from .common import (NodeAuth, RingLoop, autostart, declare_plan_parameters, diagnostics_of, from_batch_msgs,
                      lifecycle_state, make_status, node_name_from_argv, rss_bytes, run_node, set_threads,
                      spin_quietly, to_batch_msg)
 
@@ -107,11 +107,7 @@ class CoordinatorNode(LifecycleNode):
         self.create_timer(0.2, self.check_ring, callback_group=self.status_group)
         self.create_timer(cfg.heartbeat_period_s, self.publish_status, callback_group=self.status_group)
         self.create_timer(DIAGNOSTICS_PERIOD_S, self.publish_diagnostics, callback_group=self.status_group)
-        if self.get_parameter("autostart").value:
-            self.trigger_configure()
-            if self.configure_error is not None:
-                raise self.configure_error
-            self.trigger_activate()
+        autostart(self)
 
     # --- lifecycle ------------------------------------------------------------------
     configure_error: BaseException | None = None

@@ -139,26 +139,29 @@ def ring_weights(cfg_path: Path) -> dict[str, int]:
     return {n.name: n.weight_bytes for n in plan.nodes}
 
 
+def drive_on_ring(name: str, cfg: dict, scenario: dict, workdir: Path) -> dict:
+    """Write `cfg`, start its ring, drive one scenario against it in a client process, stop it."""
+    from ...launcher import Cluster, node_specs
+
+    cfg_path = workdir / f"{name}.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    with open(workdir / f"{name}.log", "w") as node_log:
+        cluster = Cluster(node_specs(cfg_path), out=node_log)
+        cluster.start()
+        try:
+            return drive({**scenario, "config": str(cfg_path), "tag": name}, workdir)
+        finally:
+            cluster.stop()
+
+
 def run_long_prompt(model: str, k: int, piece: int, *, workdir: Path, reference: str) -> dict:
     """Start a ring of K chunk nodes (exact kernels) that prefills in pieces of `piece` tokens
     (0: whole prompts) and drive the long-prompt scenario against it.
     """
-    from ...launcher import Cluster, node_specs
-
     name = f"long_k{k}_p{piece}"
     cfg = ring_config(model, k, 4)
     cfg["coordinator"]["prefill_chunk_tokens"] = piece
-    cfg_path = workdir / f"{name}.yaml"
-    cfg_path.write_text(yaml.safe_dump(cfg))
-    node_log = open(workdir / f"{name}.log", "w")
-    cluster = Cluster(node_specs(cfg_path), out=node_log)
-    cluster.start()
-    try:
-        s = drive({"scenario": "long", "config": str(cfg_path), "tokens": LONG_TOKENS, "short_tokens": 64,
-                   "tag": name, "n": 1}, workdir)
-    finally:
-        cluster.stop()
-        node_log.close()
+    s = drive_on_ring(name, cfg, {"scenario": "long", "tokens": LONG_TOKENS, "short_tokens": 64, "n": 1}, workdir)
     s.update(k=k, piece=piece, greedy_identical=s["text"] == reference)
     log(f"long prompt, ring K={k}, {'pieces of ' + str(piece) if piece else 'whole prefill'}: "
         f"TTFT {s['ttft_s']:.2f} s, a decoding request's longest token gap {s['short_gap_max_ms']:.0f} ms, "
@@ -171,22 +174,11 @@ def run_priority(model: str, k: int, *, workdir: Path, variant: str = "exact", b
     """A ring of K chunk nodes saturated by `background` greedy streams: a priority request's time to
     first token and tokens/s against the same request on the idle ring.
     """
-    from ...launcher import Cluster, node_specs
-
     name = f"priority_k{k}_{variant}"
     cfg = ring_config(model, k, background, variant=variant)
     cfg["coordinator"]["queue_limit"] = background
-    cfg_path = workdir / f"{name}.yaml"
-    cfg_path.write_text(yaml.safe_dump(cfg))
-    node_log = open(workdir / f"{name}.log", "w")
-    cluster = Cluster(node_specs(cfg_path), out=node_log)
-    cluster.start()
-    try:
-        s = drive({"scenario": "priority", "config": str(cfg_path), "background": background, "repeats": repeats,
-                   "tokens": tokens, "tag": name, "n": background}, workdir)
-    finally:
-        cluster.stop()
-        node_log.close()
+    s = drive_on_ring(name, cfg, {"scenario": "priority", "background": background, "repeats": repeats,
+                                  "tokens": tokens, "n": background}, workdir)
     s.update(k=k, variant=variant, tokens=tokens)
     log(f"priority request, ring K={k} {variant}: TTFT p95 {percentile(s['idle_ttft'], 0.95):.3f} s idle, "
         f"{percentile(s['loaded_ttft'], 0.95):.3f} s under {background} streams")
