@@ -93,15 +93,17 @@ def _serving_coordinator(watch: StatusWatch) -> str | None:
     return None
 
 
-def _wait_serving(watch: StatusWatch, since: float, timeout: float) -> float | None:
+def _wait_serving(watch: StatusWatch, since: float, timeout: float, killed: str | None = None,
+                  epoch: int = 0) -> float | None:
     """Seconds from `since` until a serving coordinator reports the ring ready again (after having
-    been heard not ready, or a new epoch), or None.
+    been heard not ready), or None. After killing the coordinator `killed` (serving `epoch`): until
+    another one serves a new epoch, ready.
     """
-    saw_broken = False
+    saw_broken = killed is not None
     deadline = since + timeout
     while time.monotonic() < deadline:
         for s in watch.fresh(0.3).values():
-            if s.role != "coordinator" or s.standby:
+            if s.role != "coordinator" or s.standby or (killed is not None and (s.name == killed or s.epoch == epoch)):
                 continue
             if not s.ready:
                 saw_broken = True
@@ -173,6 +175,7 @@ def run_chaos(cfg: ClusterConfig, cluster: Cluster, *, duration_s: float, client
                 if target is None and (not candidates or (permanent and len(alive_chunks) <= 1)):
                     continue
                 name = target or rng.choice(candidates)
+                served = watch.fresh(0.6).get(target) if target else None
                 kill = Kill(name, "coordinator" if target else "chunk", time.monotonic())
                 _kill(cluster, name)
                 cluster.gone.add(name)
@@ -183,7 +186,8 @@ def run_chaos(cfg: ClusterConfig, cluster: Cluster, *, duration_s: float, client
                     down.append(kill)
                 else:
                     alive_chunks.remove(name)
-                kill.serving_again_s = _wait_serving(watch, kill.at, max(60.0, kill_every_s))
+                kill.serving_again_s = _wait_serving(watch, kill.at, max(60.0, kill_every_s), target,
+                                                     served.epoch if served is not None else 0)
                 log(f"[chaos] ring serving again {kill.serving_again_s if kill.serving_again_s is not None else '?'} "
                     f"s after killing {name}")
             time.sleep(0.2)
