@@ -85,7 +85,7 @@ def run_bench(*, quick: bool, pin: bool, threads: int | None, model: str, out_di
                                          workdir=logs, rates=rates, variant=variant))
     if secret:
         from ...core.auth import new_key_file
-        key = new_key_file(logs / "team.key", force=True)
+        key = new_key_file((logs / "team.key").resolve(), force=True)   # the config resolves paths from its folder
         k, variant, n = max(ks), quantization[0] if quantization else kernels[0], max(ns)
         log(f"authenticated mode: ring K={k}, {variant}, N={n} with cluster.secret_file")
         res["rings"].append(run_ring(model, k, [n], tokens, pin=pin, threads=threads, references=references,
