@@ -167,6 +167,35 @@ def test_priority_slots_and_priority_messages_go_first(tiny_dir):
     assert [h.request_id for h in take_ring_work(q, 8)[0].hops] == [3] and len(q) == 1
 
 
+def test_the_waves_wait_while_a_priority_request_runs_and_texts_stay_the_same(tiny_dir):
+    """A priority request goes at an idle ring's pace: the waves' decode steps wait until it is
+    done (each at most priority_aging_s), then go on; every text equals an undisturbed run."""
+    info = load_model_info(tiny_dir)
+    cfg = parse_config({"model": {"name": str(tiny_dir), "max_context": 256},
+                        "coordinator": {"max_inflight": 4, "priority_slots": 1},
+                        "chunks": [{"name": "a"}, {"name": "b"}]})
+    ring = LocalRing(make_plan(cfg, info), info, waves=1)
+    background = [ring.submit(GenerateParams(p, max_new_tokens=10)) for p in (PROMPT, "The robot")]
+    ring.pump(12)                                         # the wave is decoding
+    reqs = ring.scheduler._inflight
+    urgent = ring.submit(GenerateParams("urgent", max_new_tokens=6, priority=3))
+    at_submit = [len(reqs[h.request_id].tokens) for h in background]
+    seen = {}
+    complete = ring.scheduler._complete
+
+    def spy(req, reason, error=None):
+        if req.rid == urgent.request_id:
+            seen["background"] = [len(reqs[h.request_id].tokens) for h in background]
+        return complete(req, reason, error=error)
+    ring.scheduler._complete = spy
+    results = ring.run(background + [urgent])
+    assert all(r.success for r in results)
+    assert all(n - m <= 1 for n, m in zip(seen["background"], at_submit, strict=True)), (seen, at_submit)
+    solo = LocalRing(make_plan(cfg, info), info)
+    for (p, n), r in zip(((PROMPT, 10), ("The robot", 10), ("urgent", 6)), results, strict=True):
+        assert r.text == solo.generate(GenerateParams(p, max_new_tokens=n)).text
+
+
 @pytest.mark.parametrize("sampling", [{}, {"temperature": 0.8, "top_k": 40, "seed": 7}])
 def test_a_resumed_request_continues_as_an_undisturbed_one(tiny_dir, sampling):
     """resume_token_ids (a request resubmitted after a coordinator failover): the coordinator

@@ -82,7 +82,7 @@ class _Request:
     last_piece_at: int = 0
     in_pieces: bool = False        # its prefill is in pieces and not through: it does not hold its wave
     late: bool = False             # its wave left without it: it holds no wave until it is back
-    priority: int = 0              # > 0: admitted first, travels on its own (never waits for a wave)
+    priority: int = 0              # > 0: admitted first, travels on its own; the waves wait while it runs
     resumed: int = 0               # tokens it arrived with (resume_token_ids, after a coordinator failover)
     emitted: int = 0               # tokens whose text the caller has been given (feedback)
 
@@ -431,6 +431,11 @@ class RingScheduler:
             parked = [r for r in members if r.parked_token is not None]
             if not parked:
                 continue
+            # A priority request on the ring goes at an idle ring's pace: lower requests' decode
+            # steps wait meanwhile, each at most priority_aging_s (never starved).
+            if any(r.priority > 0 and r.wave < 0 for r in self._inflight.values()) and \
+                    now - min(r.parked_at for r in parked) <= self.priority_aging_s:
+                continue
             # A member still in its prefill holds the wave (a burst of new prompts comes back
             # together and forms full waves), unless its prompt goes in pieces: that takes
             # seconds, and its wave's other members keep decoding meanwhile.
@@ -490,8 +495,8 @@ class RingScheduler:
         self._inflight.pop(req.rid, None)
         self._send_release(req.rid, len(req.tokens) + 1)
         self._complete(req, reason, error=error)
-        if self.waves:
-            self._send_complete_waves({req.wave})
+        if self.waves:      # the last priority request off the ring lets every wave go again
+            self._send_complete_waves(set(range(self.waves)) if req.priority > 0 else {req.wave})
         self._admit_queued()
 
     def _complete(self, req: _Request, reason: str, error: tuple[str, str] | None = None) -> None:
