@@ -82,8 +82,8 @@ def test_lifecycle_transitions_through_the_lifecycle_services(ros_env, tmp_path,
 
         assert change(ros_node, "b", Transition.TRANSITION_DEACTIVATE)
         assert state_of(ros_node, "b") == "inactive"
-        gone = wait_for_status(ros_node, lambda st: "coordinator" in st and "b" in st["coordinator"].missing_nodes,
-                               2.0)
+        gone = wait_for_status(ros_node, lambda st: "coordinator" in st and "b" in st
+                               and "b" in st["coordinator"].missing_nodes, 2.0)
         assert gone is not None and gone["b"].lifecycle_state == "inactive"
         r = client.generate("The robot", max_new_tokens=4, timeout_s=20)
         assert r.error_code == "NOT_READY" and "b" in r.error_message, r

@@ -187,6 +187,13 @@ class ChunkHandler:
         """Whether a new view's layers are being loaded."""
         return self._moving_to is not None
 
+    def decline_move(self) -> None:
+        """The node does not load the view it was told of (it is leaving): the next heartbeat of
+        that view tells it again, should it stay after all.
+        """
+        with self._lock:
+            self._moving_to = None
+
     def handle(self, msg: HopMessage) -> HopMessage | None:
         """Process a message addressed to this chunk; return the next hop's message or None (dropped)."""
         return self.handle_many([msg])[0]

@@ -258,7 +258,10 @@ class ChunkNode(LifecycleNode):
         elif news.serving:
             self.get_logger().info(f"the coordinator serves this process as {self.plan_node.name} now")
         if news.assignment is not None:
-            self._move(*news.assignment)
+            if self.leaving:              # a node on its way out loads nothing
+                self.handler.decline_move()
+            else:
+                self._move(*news.assignment)
         if news.adopted or news.serving is not None:
             self.publish_status()
 
@@ -404,6 +407,9 @@ class ChunkNode(LifecycleNode):
             if st.decode_forwards:
                 self.get_logger().info(f"{st.decode_tokens} decode steps in {st.decode_forwards} forwards "
                                        f"(mean micro-batch {st.decode_tokens / st.decode_forwards:.2f})")
+            loader = self._loader
+            if loader is not None and loader.is_alive():
+                loader.join(10.0)          # a view's layers being loaded: let it end before the process does
             self._leave_ring()
             self.handler.executor.release_all()
 

@@ -48,6 +48,9 @@ from .common import (NodeAuth, RingLoop, autostart, declare_plan_parameters, dia
                      lifecycle_state, make_status, node_name_from_argv, rss_bytes, run_node, set_threads,
                      spin_quietly, to_batch_msg)
 
+# A coordinator that starts listens this long at least before it would serve: under load, discovering
+# a standby that serves already can take seconds, and serving beside it makes one of them step down.
+FAILOVER_LISTEN_S = 6.0
 MAX_OUTPUTS_AT_ONCE = 64        # ring outputs sampled together (one LM-head matmul)
 DIAGNOSTICS_PERIOD_S = 1.0
 
@@ -296,7 +299,7 @@ class CoordinatorNode(LifecycleNode):
             return
         # listen long enough to have discovered the others: a coordinator that returns while another
         # serves must hear it before it would decide that none does
-        if not self._heard_cluster or now - self._listening_since < 2 * timeout:
+        if not self._heard_cluster or now - self._listening_since < max(2 * timeout, FAILOVER_LISTEN_S):
             return
         alive_ranks = [self.candidates.index(name) for name in heard if name in self.candidates]
         if any(r < self.rank for r in alive_ranks):
