@@ -9,17 +9,13 @@ import time
 
 import pytest
 
-from conftest import node_statuses, start_cluster, wait_for_status, write_config
-from test_reliability import reference, streams_under_way
+from conftest import node_statuses, wait_for_status, write_config
+from test_reliability import reference, start, streams_under_way
 
 pytestmark = [pytest.mark.slow, pytest.mark.ros]
 
 PROMPTS = ["The robot", "Map the room", "Battery low, return to", "Once upon a time"]
 FAST = {"heartbeat_period_s": 0.25, "takeover_after_s": 2.0}
-
-
-def start(ros_env, tmp_path, cfg, *args, name="cluster", node=None):
-    return start_cluster(ros_env, cfg, tmp_path / f"{name}.log", *args, node=node)
 
 
 def test_takeover_after_a_permanent_kill_then_rejoin(ros_env, tmp_path, tiny_dir, ros_node):

@@ -424,6 +424,9 @@ class RingScheduler:
         if self.held is not None:
             return
         now = self.clock()
+        # A priority request on the ring goes at an idle ring's pace: lower requests' decode
+        # steps wait meanwhile, each at most priority_aging_s (never starved).
+        preempted = any(r.priority > 0 and r.wave < 0 for r in self._inflight.values())
         for w in sorted(waves):
             if w < 0:
                 continue
@@ -431,10 +434,7 @@ class RingScheduler:
             parked = [r for r in members if r.parked_token is not None]
             if not parked:
                 continue
-            # A priority request on the ring goes at an idle ring's pace: lower requests' decode
-            # steps wait meanwhile, each at most priority_aging_s (never starved).
-            if any(r.priority > 0 and r.wave < 0 for r in self._inflight.values()) and \
-                    now - min(r.parked_at for r in parked) <= self.priority_aging_s:
+            if preempted and now - min(r.parked_at for r in parked) <= self.priority_aging_s:
                 continue
             # A member still in its prefill holds the wave (a burst of new prompts comes back
             # together and forms full waves), unless its prompt goes in pieces: that takes

@@ -86,10 +86,11 @@ def _client(idx: int, client: GenerateClient, deadline: float, refs: dict[str, s
                 report.interrupted.append(result.interrupted_s)
 
 
-def _serving_coordinator(watch: StatusWatch) -> str | None:
-    for name, s in watch.fresh(0.6).items():
+def _serving_coordinator(watch: StatusWatch):
+    """The heartbeat (NodeStatus) of the coordinator that serves now, or None."""
+    for s in watch.fresh(0.6).values():
         if s.role == "coordinator" and not s.standby:
-            return name
+            return s
     return None
 
 
@@ -170,12 +171,12 @@ def run_chaos(cfg: ClusterConfig, cluster: Cluster, *, duration_s: float, client
                 next_kill = now + kill_every_s
                 want_coordinator = standby_coordinators and not coordinator_killed and \
                     now > deadline - duration_s / 2
-                target = _serving_coordinator(watch) if want_coordinator else None
+                served = _serving_coordinator(watch) if want_coordinator else None
+                target = served.name if served is not None else None
                 candidates = [c for c in alive_chunks if c not in {k.name for k in down}]
                 if target is None and (not candidates or (permanent and len(alive_chunks) <= 1)):
                     continue
                 name = target or rng.choice(candidates)
-                served = watch.fresh(0.6).get(target) if target else None
                 kill = Kill(name, "coordinator" if target else "chunk", time.monotonic())
                 _kill(cluster, name)
                 cluster.gone.add(name)
